@@ -1,0 +1,28 @@
+"""The hourly-partitioned `reconciliation_report` asset, built from the run's ops."""
+
+import dagster as dg
+
+from reconciliation_pipeline import ops
+from reconciliation_pipeline.hooks import mark_report_failed
+from reconciliation_pipeline.partitions import hourly_partitions
+from reconciliation_pipeline.report import CHECK_SPECS
+
+
+@dg.graph_asset(
+    partitions_def=hourly_partitions,
+    check_specs=CHECK_SPECS,
+    hooks={mark_report_failed},
+    group_name="reconciliation",
+    kinds={"postgres", "mongodb", "pandas"},
+    owners=["team:operations"],
+)
+def reconciliation_report():
+    """Hourly PostgreSQL -> MongoDB reconciliation: outbox retry, diff, repair, cleanup, report."""
+    run = ops.open_report()
+    outbox = ops.retry_outbox(run)
+    emails = ops.extract_postgres(run, outbox)
+    mongo_extract = ops.extract_mongo(run, emails)
+    diff = ops.diff_amounts(run, emails, mongo_extract)
+    repaired = ops.repair_mongo(run, diff)
+    cleaned = ops.cleanup(run, outbox)
+    return ops.finish_report(run, outbox, repaired, cleaned)

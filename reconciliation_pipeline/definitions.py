@@ -1,0 +1,20 @@
+"""The code location: asset, job, schedule, sensor and resources configured from the environment."""
+
+import dagster as dg
+
+from reconciliation_pipeline.assets import reconciliation_report
+from reconciliation_pipeline.jobs import reconciliation_hourly_schedule, reconciliation_job
+from reconciliation_pipeline.resources import MongoResource, PostgresResource, ReconciliationSettings
+from reconciliation_pipeline.sensors import close_stale_reports_sensor
+
+defs = dg.Definitions(
+    assets=[reconciliation_report],
+    jobs=[reconciliation_job],
+    schedules=[reconciliation_hourly_schedule],
+    sensors=[close_stale_reports_sensor],
+    resources={
+        "postgres": PostgresResource(url=dg.EnvVar("RECON_POSTGRES_URL")),
+        "mongo": MongoResource(uri=dg.EnvVar("RECON_MONGO_URI"), database=dg.EnvVar("RECON_MONGO_DB")),
+        "settings": ReconciliationSettings(),
+    },
+)

@@ -1,0 +1,29 @@
+"""The partitioned `reconciliation_job` and its hourly schedule."""
+
+import dagster as dg
+
+from reconciliation_pipeline.assets import reconciliation_report
+from reconciliation_pipeline.partitions import hourly_partitions
+
+MONGO_WRITER_TAG = "reconciliation/mongo-writer"
+
+reconciliation_job = dg.define_asset_job(
+    "reconciliation_job",
+    selection=dg.AssetSelection.assets(reconciliation_report).without_checks() | dg.AssetSelection.checks_for_assets(reconciliation_report),
+    partitions_def=hourly_partitions,
+    description="Reconcile one hour: outbox retry, extract, diff, repair, cleanup, report.",
+    tags={
+        MONGO_WRITER_TAG: "1",  # dagster.yaml limits runs with this tag to one at a time
+        "dagster/max_runtime": "3600",  # run monitoring ends a hung run after an hour
+        "dagster/max_retries": "1",  # run retries (daemon) for crashed runs; re-running converges
+        "dagster/retry_strategy": "FROM_FAILURE",
+    },
+    executor_def=dg.in_process_executor,
+)
+
+reconciliation_hourly_schedule = dg.build_schedule_from_partitioned_job(
+    reconciliation_job,
+    name="reconciliation_hourly_schedule",
+    minute_of_hour=5,  # a few minutes after the hour closes, so late writes of the hour are in
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+)

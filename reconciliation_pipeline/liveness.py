@@ -1,0 +1,61 @@
+"""Close reports left `running` by runs that are no longer alive (crash, cancel, SIGKILL)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import dagster as dg
+from sqlalchemy.engine import Engine
+
+from reconciliation_pipeline.store import postgres as pg
+
+FINISHED = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
+STALE_HEARTBEAT = timedelta(hours=3)  # longer than the job's dagster/max_runtime tag
+
+
+def _process_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def why_dead(report: dict[str, Any], run: dg.DagsterRun | None, now: datetime) -> str | None:
+    """Why the report's run can no longer finish it, or None while it may still be alive."""
+    if run is None:
+        return "its Dagster run does not exist"
+    if run.status in FINISHED:
+        return f"its Dagster run ended with status {run.status.value} without completing the report"
+    if report.get("hostname") == socket.gethostname() and not _process_alive(report.get("pid")):
+        return f"the run's process {report.get('pid')} is gone (killed)"
+    heartbeat = report.get("heartbeat_at")
+    if heartbeat is not None and now - heartbeat > STALE_HEARTBEAT:
+        return f"no heartbeat since {heartbeat.isoformat()}"
+    return None
+
+
+def close_stale_reports(engine: Engine, instance: dg.DagsterInstance, log: Any) -> int:
+    """Mark `failed` every running report whose run is dead; returns how many were closed."""
+    now = datetime.now(timezone.utc)
+    closed = 0
+    for report in pg.running_reports(engine):
+        run = instance.get_run_by_id(report["run_id"])
+        if run is not None and run.status in (dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING):
+            continue
+        reason = why_dead(report, run, now)
+        if reason is None:
+            continue
+        if pg.fail_report(engine, report["run_id"], f"closed as failed: {reason}"):
+            closed += 1
+            log.warning(f"report {report['id']} (run {report['run_id']}) closed as failed: {reason}")
+        if run is not None and run.status == dg.DagsterRunStatus.STARTED:
+            instance.report_run_failed(run, f"reconciliation report closed: {reason}")
+    return closed

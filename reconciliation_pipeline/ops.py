@@ -1,0 +1,125 @@
+"""The ops of one reconciliation run: thin wrappers around `steps` with resources and the window."""
+
+
+import pandas as pd
+import dagster as dg
+
+from reconciliation_pipeline import steps
+from reconciliation_pipeline.liveness import close_stale_reports
+from reconciliation_pipeline.report import build_report
+from reconciliation_pipeline.resources import MongoResource, PostgresResource, ReconciliationSettings
+from reconciliation_pipeline.store import postgres as pg
+
+MONGO_WRITER_POOL = "reconciliation_mongo_writer"
+READ_RETRY = dg.RetryPolicy(max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL)
+
+
+@dg.op
+def open_report(context: dg.OpExecutionContext, postgres: PostgresResource, settings: ReconciliationSettings) -> steps.RunContext:
+    """Create the run's reconciliation_reports row (status running) for the partition's window."""
+    if not context.has_partition_key:
+        raise dg.Failure("reconciliation_report is hourly-partitioned: launch it for a partition (e.g. --partition 2026-11-28-10:00)")
+    start, end = steps.window_for(context.partition_time_window.end, settings.lookback_hours)
+    with postgres.get_engine() as engine:
+        closed = close_stale_reports(engine, context.instance, context.log)
+        report_id = pg.open_report(engine, context.run_id, context.partition_key, start, end, settings.dry_run)
+    context.log.info(
+        f"report {report_id}: partition {context.partition_key}, window [{start.isoformat()}, {end.isoformat()}), "
+        f"dry_run={settings.dry_run}, stale reports closed: {closed}"
+    )
+    return steps.RunContext(report_id, context.run_id, context.partition_key, start, end, settings.dry_run)
+
+
+@dg.op(pool=MONGO_WRITER_POOL)
+def retry_outbox(
+    context: dg.OpExecutionContext, run: steps.RunContext, postgres: PostgresResource, mongo: MongoResource,
+    settings: ReconciliationSettings,
+) -> steps.OutboxResult:
+    """Deliver pending outbox messages (failed MongoDB writes) oldest first; dead-letter poison ones."""
+    with postgres.get_engine() as engine:
+        pg.heartbeat(engine, run.report_id)
+        return steps.retry_outbox(
+            engine, mongo.get_clients_collection, mongo.is_available(), run,
+            settings.outbox_batch_size, settings.mongo_batch_size, context.log,
+        )
+
+
+@dg.op(retry_policy=READ_RETRY)
+def extract_postgres(
+    context: dg.OpExecutionContext, run: steps.RunContext, outbox: steps.OutboxResult, postgres: PostgresResource
+) -> pd.DataFrame:
+    """Read the window's synced emails (and newer ones for the same creditors) from PostgreSQL."""
+    with postgres.get_engine() as engine:
+        pg.heartbeat(engine, run.report_id)
+        return steps.extract_postgres(engine, run, context.log)
+
+
+@dg.op(retry_policy=READ_RETRY)
+def extract_mongo(
+    context: dg.OpExecutionContext, run: steps.RunContext, emails: pd.DataFrame, mongo: MongoResource,
+    settings: ReconciliationSettings,
+) -> steps.MongoExtract:
+    """Read the client documents the window refers to from MongoDB, projected to compared fields."""
+    if not mongo.is_available():
+        context.log.warning("extract mongo: MongoDB unreachable; comparison and repair skipped")
+        return steps.MongoExtract(available=False, error="MongoDB unreachable")
+    with mongo.get_clients_collection() as collection:
+        return steps.extract_mongo(collection, emails, run, settings.mongo_batch_size, context.log)
+
+
+@dg.op
+def diff_amounts(
+    context: dg.OpExecutionContext, run: steps.RunContext, emails: pd.DataFrame, mongo_extract: steps.MongoExtract,
+    settings: ReconciliationSettings,
+) -> steps.DiffResult:
+    """Match emails to clients and creditors and diff the amounts in cents (pandas, vectorised)."""
+    return steps.diff(
+        emails, mongo_extract, run, settings.amount_tolerance_cents, settings.repair_low_confidence, context.log
+    )
+
+
+@dg.op(pool=MONGO_WRITER_POOL)
+def repair_mongo(
+    context: dg.OpExecutionContext, run: steps.RunContext, diff: steps.DiffResult, postgres: PostgresResource,
+    mongo: MongoResource, settings: ReconciliationSettings,
+) -> steps.RepairResult:
+    """Write PostgreSQL's amounts into MongoDB for repairable findings (compare-and-swap, read back)."""
+    with postgres.get_engine() as engine:
+        pg.heartbeat(engine, run.report_id)
+        result = steps.repair(
+            engine, mongo.get_clients_collection, diff, run, settings.max_repairs,
+            settings.repair_lock_wait_seconds, settings.mongo_batch_size, context.log,
+        )
+        pg.insert_findings(engine, steps.audit_rows(run, result.findings))
+    return result
+
+
+@dg.op(retry_policy=READ_RETRY)
+def cleanup(
+    context: dg.OpExecutionContext, run: steps.RunContext, outbox: steps.OutboxResult, postgres: PostgresResource,
+    settings: ReconciliationSettings,
+) -> dict:
+    """Delete expired idempotency keys and old processed outbox rows in bounded batches."""
+    with postgres.get_engine() as engine:
+        pg.heartbeat(engine, run.report_id)
+        return steps.cleanup(engine, settings.outbox_retention_days, settings.cleanup_batch_size, context.log)
+
+
+@dg.op(
+    out={
+        "result": dg.Out(dict, description="The run's reconciliation report"),
+        **{name: dg.Out(is_required=False) for name in ("reconciliation_report_no_unrepaired_drift", "reconciliation_report_repair_budget_not_exceeded", "reconciliation_report_no_dead_outbox_messages")},
+    }
+)
+def finish_report(
+    context: dg.OpExecutionContext, run: steps.RunContext, outbox: steps.OutboxResult, repaired: steps.RepairResult,
+    cleaned: dict, postgres: PostgresResource, settings: ReconciliationSettings,
+):
+    """Complete the reconciliation_reports row and materialize the report with metadata and checks."""
+    started = context.instance.get_run_stats(context.run_id).start_time
+    report = build_report(run, outbox, repaired, cleaned, settings.findings_in_details, started)
+    with postgres.get_engine() as engine:
+        pg.finish_report(engine, run.report_id, report.row)
+    context.log.info(f"report {run.report_id}: " + ", ".join(f"{k}={v}" for k, v in report.counts.items()))
+    yield dg.Output(report.summary, output_name="result", metadata=report.metadata)
+    yield from report.check_results

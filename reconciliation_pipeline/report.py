@@ -1,0 +1,157 @@
+"""The run's report: the reconciliation_reports row, the asset's metadata and its check results."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+
+from reconciliation_pipeline.core import repair as core_repair
+from reconciliation_pipeline.core.diff import EXTRA_IN_MONGO, KINDS, REPAIRABLE_KINDS
+from reconciliation_pipeline.steps import OutboxResult, RepairResult, RunContext
+
+ASSET_KEY = dg.AssetKey("reconciliation_report")
+CHECK_UNREPAIRED_DRIFT = "no_unrepaired_drift"
+CHECK_REPAIR_BUDGET = "repair_budget_not_exceeded"
+CHECK_DEAD_OUTBOX = "no_dead_outbox_messages"
+CHECK_SPECS = [
+    dg.AssetCheckSpec(CHECK_UNREPAIRED_DRIFT, asset=ASSET_KEY, description="Every finding of the window was repaired (red: drift is left in MongoDB; see the findings table and the audit table)."),
+    dg.AssetCheckSpec(CHECK_REPAIR_BUDGET, asset=ASSET_KEY, description="Repairable findings stayed within max_repairs (red: mass drift, nothing was repaired; investigate before raising the budget)."),
+    dg.AssetCheckSpec(CHECK_DEAD_OUTBOX, asset=ASSET_KEY, description="No outbox message exhausted its retries (red: failed MongoDB writes need a person; see outbox_messages.error_message)."),
+]
+TABLE_ROWS = 50
+TABLE_COLUMNS = ["aktenzeichen", "creditor", "kind", "PostgreSQL", "MongoDB", "action"]
+
+
+@dataclass
+class Report:
+    """Everything the finish_report op records."""
+
+    row: dict[str, Any]
+    counts: dict[str, int]
+    summary: dict[str, Any]
+    metadata: dict[str, Any]
+    check_results: list[dg.AssetCheckResult]
+
+
+def _euros(cents: Any) -> str:
+    return "" if cents is None or pd.isna(cents) else f"{int(cents) / 100:,.2f}"
+
+
+def _cell(value: Any) -> str:
+    text = "" if value is None or (not isinstance(value, str) and pd.isna(value)) else str(value)
+    return text.replace("|", "\\|").replace("\n", " ")[:80]
+
+
+def findings_markdown(findings: pd.DataFrame, limit: int = TABLE_ROWS) -> str:
+    """A markdown table of the first findings (aktenzeichen and creditor address, never names)."""
+    if findings.empty:
+        return "No findings in this window."
+    head = findings.head(limit)
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    for az, creditor, kind, pg_cents, mongo_cents, action in zip(
+        head["aktenzeichen"], head["creditor_email"], head["kind"], head["pg_amount_cents"],
+        head["mongo_amount_cents"], head["action"],
+    ):
+        lines.append("| " + " | ".join(_cell(v) for v in (az, creditor, kind, _euros(pg_cents), _euros(mongo_cents), action)) + " |")
+    more = len(findings) - len(head)
+    suffix = f"\n\nShowing {len(head)} of {len(findings)} findings; all are in `reconciliation_findings`." if more else ""
+    return "\n".join(lines) + suffix
+
+
+def _details(findings: pd.DataFrame, cap: int) -> list[dict[str, Any]]:
+    cols = ["kind", "email_id", "aktenzeichen", "creditor_email", "pg_amount_cents", "mongo_amount_cents", "action", "error"]
+    head = findings.head(cap).reindex(columns=cols).astype(object)
+    return head.where(head.notna(), None).to_dict("records")
+
+
+def build_report(
+    run: RunContext, outbox: OutboxResult, repaired: RepairResult, cleaned: dict[str, int], details_cap: int,
+    run_started: float | None,
+) -> Report:
+    """Counts, the report row, numeric metadata, the findings table and the three check results."""
+    findings = repaired.findings
+    actions = findings["action"].value_counts().to_dict() if len(findings) else {}
+    kinds = findings["kind"].value_counts().to_dict() if len(findings) else {}
+    counts = {
+        "records_checked": int(repaired.records_checked),
+        "mismatches_found": int(len(findings)),
+        "auto_repaired": int(actions.get(core_repair.REPAIRED, 0)),
+        "failed_repairs": int(actions.get(core_repair.REPAIR_FAILED, 0)),
+        "outbox_retried": outbox.retried,
+        "outbox_succeeded": outbox.succeeded,
+        "outbox_failed": outbox.failed,
+        "outbox_deferred": outbox.deferred,
+        "outbox_dead": outbox.dead,
+        "expired_keys_deleted": int(cleaned.get("expired_keys_deleted", 0)),
+        "old_outbox_deleted": int(cleaned.get("old_outbox_deleted", 0)),
+    }
+    notes = [n for n in (outbox.note, repaired.note) if n]
+    row = {
+        **counts,
+        "mongo_available": repaired.mongo_available,
+        "dry_run": run.dry_run,
+        "repairs_halted": repaired.repairs_halted,
+        "details": {
+            "findings": _details(findings, details_cap),
+            "findings_total": int(len(findings)),
+            "by_kind": {k: int(v) for k, v in kinds.items()},
+            "by_action": {k: int(v) for k, v in actions.items()},
+            "notes": notes,
+        },
+    }
+    unrepaired = int(len(findings)) - counts["auto_repaired"]
+    drift_rate = (unrepaired / counts["records_checked"]) if counts["records_checked"] else 0.0
+    duration = time.time() - run_started if run_started else None
+    metadata: dict[str, Any] = {
+        **{k: dg.MetadataValue.int(v) for k, v in counts.items()},
+        "extra_in_mongo": dg.MetadataValue.int(int(kinds.get(EXTRA_IN_MONGO, 0))),
+        **{f"kind_{k}": dg.MetadataValue.int(int(kinds.get(k, 0))) for k in KINDS if k != EXTRA_IN_MONGO},
+        "unrepaired_findings": dg.MetadataValue.int(unrepaired),
+        "drift_rate": dg.MetadataValue.float(float(drift_rate)),
+        "mongo_available": dg.MetadataValue.bool(bool(repaired.mongo_available)),
+        "dry_run": dg.MetadataValue.bool(run.dry_run),
+        "repairs_halted": dg.MetadataValue.bool(repaired.repairs_halted),
+        "window_start": dg.MetadataValue.text(run.window_start.isoformat()),
+        "window_end": dg.MetadataValue.text(run.window_end.isoformat()),
+        "report_id": dg.MetadataValue.int(run.report_id),
+        "findings": dg.MetadataValue.md(findings_markdown(findings)),
+    }
+    if duration is not None:
+        metadata["duration_seconds"] = dg.MetadataValue.float(round(duration, 3))
+    if notes:
+        metadata["notes"] = dg.MetadataValue.text("; ".join(notes))
+    summary = {"report_id": run.report_id, "partition_key": run.partition_key, **counts,
+               "mongo_available": repaired.mongo_available, "repairs_halted": repaired.repairs_halted}
+
+    repairable_left = findings[findings["kind"].isin(REPAIRABLE_KINDS) & (findings["action"] != core_repair.REPAIRED)] if len(findings) else findings
+    if not repaired.mongo_available:
+        drift_check = dg.AssetCheckResult(
+            check_name=CHECK_UNREPAIRED_DRIFT, asset_key=ASSET_KEY, passed=False, severity=dg.AssetCheckSeverity.WARN,
+            description="MongoDB was unreachable: the comparison was skipped (outbox retry and cleanup ran).",
+        )
+    else:
+        drift_check = dg.AssetCheckResult(
+            check_name=CHECK_UNREPAIRED_DRIFT, asset_key=ASSET_KEY, passed=unrepaired == 0, severity=dg.AssetCheckSeverity.ERROR,
+            description=f"{unrepaired} findings left unrepaired ({len(repairable_left)} of a repairable kind).",
+            metadata={"unrepaired_findings": unrepaired, "repairable_left": int(len(repairable_left)),
+                      **{f"kind_{k}": int(v) for k, v in kinds.items()}},
+        )
+    checks = [
+        drift_check,
+        dg.AssetCheckResult(
+            check_name=CHECK_REPAIR_BUDGET, asset_key=ASSET_KEY, passed=not repaired.repairs_halted,
+            severity=dg.AssetCheckSeverity.ERROR,
+            description=repaired.note if repaired.repairs_halted else f"{repaired.repairable} repairable findings within the budget.",
+            metadata={"repairable": int(repaired.repairable)},
+        ),
+        dg.AssetCheckResult(
+            check_name=CHECK_DEAD_OUTBOX, asset_key=ASSET_KEY, passed=outbox.dead == 0, severity=dg.AssetCheckSeverity.ERROR,
+            description=f"{outbox.dead} dead outbox messages (processed_at IS NULL AND retry_count >= max_retries).",
+            metadata={"outbox_dead": int(outbox.dead)},
+        ),
+    ]
+    return Report(row, counts, summary, metadata, checks)

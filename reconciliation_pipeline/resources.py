@@ -1,0 +1,96 @@
+"""Dagster resources: the two databases and the run settings."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import dagster as dg
+import sqlalchemy as sa
+from pydantic import Field
+from pymongo import MongoClient
+from pymongo.collection import Collection
+from pymongo.errors import PyMongoError
+
+CLIENTS_COLLECTION = "clients"
+
+
+class PostgresResource(dg.ConfigurableResource):
+    """The application's PostgreSQL database: source of truth and home of the report tables."""
+
+    url: str = Field(description="SQLAlchemy URL, e.g. postgresql+psycopg://user:pass@host:5432/db")
+    statement_timeout_ms: int = Field(default=900_000, description="Per-statement timeout on the pipeline's connections")
+
+    @contextmanager
+    def get_engine(self) -> Iterator[sa.Engine]:
+        """An engine for the duration of the block (connections are closed afterwards)."""
+        engine = sa.create_engine(
+            self.url,
+            poolclass=sa.pool.NullPool,
+            connect_args={
+                "options": f"-c statement_timeout={int(self.statement_timeout_ms)}",
+                "application_name": "reconciliation_pipeline",
+                "connect_timeout": 10,
+            },
+        )
+        try:
+            yield engine
+        finally:
+            engine.dispose()
+
+
+class MongoResource(dg.ConfigurableResource):
+    """The client portal's MongoDB (collection `clients`)."""
+
+    uri: str = Field(description="MongoDB connection string")
+    database: str = Field(description="Database holding the `clients` collection")
+    server_selection_timeout_ms: int = Field(default=5_000)
+    socket_timeout_ms: int = Field(default=120_000)
+
+    @contextmanager
+    def get_client(self) -> Iterator[MongoClient]:
+        """A MongoClient for the duration of the block."""
+        client: MongoClient = MongoClient(
+            self.uri,
+            tz_aware=True,
+            serverSelectionTimeoutMS=self.server_selection_timeout_ms,
+            connectTimeoutMS=self.server_selection_timeout_ms,
+            socketTimeoutMS=self.socket_timeout_ms,
+            retryWrites=False,  # a retried compare-and-swap is decided by the read-back instead
+            appname="reconciliation_pipeline",
+        )
+        try:
+            yield client
+        finally:
+            client.close()
+
+    @contextmanager
+    def get_clients_collection(self) -> Iterator[Collection]:
+        """The `clients` collection."""
+        with self.get_client() as client:
+            yield client[self.database][CLIENTS_COLLECTION]
+
+    def is_available(self) -> bool:
+        """Whether the server answers a ping within the selection timeout."""
+        try:
+            with self.get_client() as client:
+                client.admin.command("ping")
+            return True
+        except PyMongoError:
+            return False
+
+
+class ReconciliationSettings(dg.ConfigurableResource):
+    """Run settings: window, safety limits, batching (override per run in the launchpad)."""
+
+    lookback_hours: int = Field(default=48, ge=1, le=24 * 366, description="Window length ending at the partition's end")
+    dry_run: bool = Field(default=False, description="Detect and report only; write nothing to MongoDB")
+    max_repairs: int = Field(default=1000, ge=0, description="More repairable findings than this: repair nothing, fail the budget check")
+    amount_tolerance_cents: int = Field(default=0, ge=0, description="Differences up to this many cents are not findings")
+    outbox_retention_days: int = Field(default=30, ge=1, description="Processed outbox rows older than this are deleted")
+    repair_low_confidence: bool = Field(default=False, description="Also repair level-4 (shared word only) creditor matches")
+    outbox_batch_size: int = Field(default=200, ge=1, description="Outbox messages claimed per transaction")
+    cleanup_batch_size: int = Field(default=10_000, ge=1, description="Rows deleted per cleanup transaction")
+    mongo_batch_size: int = Field(default=500, ge=1, description="Documents per MongoDB read or bulk write")
+    repair_lock_wait_seconds: int = Field(default=300, ge=0, description="How long to wait for another run's MongoDB writes")
+    findings_in_details: int = Field(default=200, ge=0, description="Findings kept in the report row's details (all go to the audit table)")

@@ -1,0 +1,410 @@
+"""One reconciliation run's steps as plain functions over an engine and a collection (no Dagster).
+
+The ops in `ops.py` are thin wrappers that pass resources, the partition window and a logger.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pandas as pd
+from pymongo.collection import Collection
+from pymongo.errors import ConnectionFailure, PyMongoError
+from sqlalchemy.engine import Engine
+
+from reconciliation_pipeline.core import diff as core_diff
+from reconciliation_pipeline.core import repair as core_repair
+from reconciliation_pipeline.core.frames import add_email_keys, prepare_clients, prepare_emails
+from reconciliation_pipeline.core.keys import last_name_variants
+from reconciliation_pipeline.core.outbox import DeliveryRequest, parse_payload
+from reconciliation_pipeline.store import mongo as mongo_store
+from reconciliation_pipeline.store import postgres as pg
+
+Logger = logging.Logger | Any  # Dagster's DagsterLogManager has the same interface
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every step of one run needs to know."""
+
+    report_id: int
+    run_id: str
+    partition_key: str | None
+    window_start: datetime
+    window_end: datetime
+    dry_run: bool
+
+
+def window_for(partition_end: datetime, lookback_hours: int) -> tuple[datetime, datetime]:
+    """[end - lookback, end) in UTC for the partition that ends at `partition_end`.
+
+    Converted to UTC first: arithmetic on zoneinfo datetimes is wall-clock and would be an hour
+    off across a DST change.
+    """
+    end = partition_end.astimezone(timezone.utc)
+    return end - timedelta(hours=lookback_hours), end
+
+
+def _progress(log: Logger, what: str) -> Callable[[int, int], None]:
+    def report(done: int, total: int) -> None:
+        if total <= 1:
+            return
+        if done == total or done % max(1, total // 10) == 0:
+            log.info(f"{what}: batch {done}/{total}")
+
+    return report
+
+
+# --- 1. outbox retry ----------------------------------------------------------------------------
+
+@dataclass
+class OutboxResult:
+    """Counts of one outbox retry pass."""
+
+    retried: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    deferred: int = 0
+    dead: int = 0
+    became_dead: int = 0
+    note: str | None = None
+
+
+def _request_frame(messages: list[Mapping[str, Any]], requests: Mapping[int, DeliveryRequest]) -> pd.DataFrame:
+    raw = pd.DataFrame(
+        {
+            "email_id": pd.Series([m["id"] for m in messages], dtype="int64"),
+            "from_email": pd.Series([requests[m["id"]].creditor_email for m in messages], dtype=object),
+            "client_aktenzeichen": pd.Series([requests[m["id"]].client_aktenzeichen for m in messages], dtype=object),
+            "client_name": pd.Series([requests[m["id"]].client_name for m in messages], dtype=object),
+            "creditor_name": pd.Series([requests[m["id"]].creditor_name for m in messages], dtype=object),
+        }
+    )
+    return add_email_keys(raw)
+
+
+def _deliver_batch(
+    collection: Collection, messages: list[Mapping[str, Any]], requests: Mapping[int, DeliveryRequest], batch_size: int
+) -> tuple[dict[int, core_repair.Outcome], dict[int, str]]:
+    """Match each message to its client's creditor and write them with the shared CAS writer."""
+    frame = _request_frame(messages, requests)
+    docs = mongo_store.fetch_clients(
+        collection, frame["az_key"].dropna(), last_name_variants(frame["client_name"]), batch_size
+    )
+    clients, elements = prepare_clients(docs)
+    matched = core_diff.match(frame.assign(in_window=True), clients, elements)[0].set_index("email_id")
+    by_id = {str(d["_id"]): d for d in docs}
+    updates: dict[str, list[core_repair.ElementUpdate]] = {}
+    failures: dict[int, str] = {}
+    for message in messages:  # already in created_at order: later messages win on the same creditor
+        mid, request = message["id"], requests[message["id"]]
+        row = matched.loc[mid]
+        if row["client_status"] != "matched":
+            failures[mid] = f"client {row['client_status']}: {row['client_reason']}"
+            continue
+        if row["creditor_status"] != "matched":
+            failures[mid] = f"creditor {row['creditor_status']}: {row['creditor_reason']}"
+            continue
+        element = by_id[row["client_id"]]["final_creditor_list"][int(row["pos"])]
+        received = message["email_received_at"] or request.response_received_at or message["created_at"]
+        updates.setdefault(row["client_id"], []).append(
+            core_repair.ElementUpdate(
+                key=mid, pos=int(row["pos"]), sender_email=element.get("sender_email"),
+                sender_name=element.get("sender_name"), cents=request.cents, received_at=received,
+                response_text=request.response_text, reference_numbers=request.reference_numbers,
+            )
+        )
+    outcomes = mongo_store.write_updates(collection, by_id, updates, batch_size) if updates else {}
+    return outcomes, failures
+
+
+def retry_outbox(
+    engine: Engine, collection_factory: Callable[[], Any], mongo_available: bool, ctx: RunContext,
+    batch_size: int, mongo_batch_size: int, log: Logger,
+) -> OutboxResult:
+    """Deliver pending outbox messages oldest first, in locked batches; see RULES.md section 1."""
+    result = OutboxResult()
+    if not mongo_available or ctx.dry_run:
+        with engine.connect() as conn:
+            result.deferred = pg.count_pending_outbox(conn)
+            result.dead = pg.count_dead_outbox(conn)
+        result.note = "MongoDB unreachable: nothing attempted" if not mongo_available else "dry run: nothing delivered"
+        log.warning(f"outbox: {result.note}; {result.deferred} pending messages deferred")
+        return result
+
+    seen: list[int] = []
+    blocked_aggregates: set[tuple[str, str]] = set()
+    connection_lost = False
+    with collection_factory() as collection:
+        while not connection_lost:
+            with engine.begin() as conn:
+                messages = pg.claim_outbox(conn, batch_size, seen)
+                if not messages:
+                    break
+                seen += [m["id"] for m in messages]
+                audit: list[dict] = []
+                requests: dict[int, DeliveryRequest] = {}
+                deliverable = []
+                for m in messages:
+                    aggregate = (m["aggregate_type"], m["aggregate_id"])
+                    if aggregate in blocked_aggregates:  # an older message of this email failed: keep order
+                        result.deferred += 1
+                        continue
+                    request, poison = parse_payload(m["payload"])
+                    if request is None:
+                        result.retried += 1
+                        result.failed += 1
+                        result.became_dead += int(pg.mark_failed(conn, m["id"], m["email_id"], poison, poison=True))
+                        blocked_aggregates.add(aggregate)
+                        audit.append(_outbox_audit(ctx, m, None, core_repair.REPAIR_FAILED, poison))
+                        continue
+                    requests[m["id"]] = request
+                    deliverable.append(m)
+                outcomes, failures = (
+                    _deliver_batch(collection, deliverable, requests, mongo_batch_size) if deliverable else ({}, {})
+                )
+                delivered, delivered_emails = [], []
+                for m in deliverable:
+                    mid = m["id"]
+                    outcome = outcomes.get(mid)
+                    if outcome is not None and outcome.connection_lost:
+                        connection_lost = True
+                    if outcome is not None and (outcome.connection_lost or outcome.action == core_repair.SKIPPED_CONCURRENT_CHANGE):
+                        # not the message's fault: no retry consumed, delivered again next run
+                        result.deferred += 1
+                        blocked_aggregates.add((m["aggregate_type"], m["aggregate_id"]))
+                        audit.append(_outbox_audit(ctx, m, requests[mid], outcome.action, outcome.error, outcome))
+                        continue
+                    result.retried += 1
+                    if outcome is not None and outcome.action == core_repair.REPAIRED:
+                        result.succeeded += 1
+                        delivered.append(mid)
+                        if m["email_id"] is not None:
+                            delivered_emails.append(m["email_id"])
+                        audit.append(_outbox_audit(ctx, m, requests[mid], core_repair.REPAIRED, None, outcome))
+                        continue
+                    error = failures.get(mid) or (outcome.error if outcome else "not delivered")
+                    result.failed += 1
+                    blocked_aggregates.add((m["aggregate_type"], m["aggregate_id"]))
+                    result.became_dead += int(pg.mark_failed(conn, mid, m["email_id"], error, poison=False))
+                    audit.append(_outbox_audit(ctx, m, requests[mid], core_repair.REPAIR_FAILED, error, outcome))
+                if delivered:
+                    pg.mark_delivered(conn, delivered, delivered_emails)
+            pg.insert_findings(engine, audit)
+            log.info(
+                f"outbox: {len(seen)} claimed so far, {result.succeeded} delivered, {result.failed} failed, "
+                f"{result.deferred} deferred"
+            )
+        if connection_lost:
+            result.note = "MongoDB connection lost during delivery: the rest is deferred"
+            log.warning(f"outbox: {result.note}")
+    with engine.connect() as conn:
+        result.dead = pg.count_dead_outbox(conn)
+        if connection_lost:
+            result.deferred += pg.count_pending_outbox(conn, exclude=seen)
+    return result
+
+
+def _outbox_audit(
+    ctx: RunContext, message: Mapping[str, Any], request: DeliveryRequest | None, action: str, error: str | None,
+    outcome: core_repair.Outcome | None = None,
+) -> dict:
+    return {
+        "report_id": ctx.report_id,
+        "email_id": message["email_id"],
+        "outbox_message_id": message["id"],
+        "kind": core_diff.OUTBOX_DELIVERY,
+        "client_aktenzeichen": request.client_aktenzeichen if request else None,
+        "creditor_email": (request.creditor_email or "")[:255] or None if request else None,
+        "pg_amount_cents": request.cents if request else None,
+        "mongo_amount_cents_before": outcome.before_cents if outcome else None,
+        "mongo_amount_cents_after": outcome.after_cents if outcome else None,
+        "action": action,
+        "error": error,
+    }
+
+
+# --- 2. extract -----------------------------------------------------------------------------------
+
+def extract_postgres(engine: Engine, ctx: RunContext, log: Logger) -> pd.DataFrame:
+    """The window's synced emails plus the later/related ones, parsed into comparison keys."""
+    rows = pg.extract_emails(
+        engine, ctx.window_start, ctx.window_end, progress=lambda n: log.info(f"extract postgres: {n} rows read")
+    )
+    emails = prepare_emails(rows)
+    log.info(f"extract postgres: {int(emails['in_window'].sum())} emails in the window, {int((~emails['in_window']).sum())} related emails")
+    return emails
+
+
+@dataclass
+class MongoExtract:
+    """The client documents the window needs, as frames; `available` False when MongoDB was down."""
+
+    available: bool
+    clients: pd.DataFrame = field(default_factory=pd.DataFrame)
+    elements: pd.DataFrame = field(default_factory=pd.DataFrame)
+    error: str | None = None
+
+
+def extract_mongo(collection: Collection, emails: pd.DataFrame, ctx: RunContext, batch_size: int, log: Logger) -> MongoExtract:
+    """Client documents the window's emails refer to, plus those with creditor answers in the window."""
+    window = emails[emails["in_window"]]
+    try:
+        docs = mongo_store.fetch_clients(
+            collection, emails["az_key"].dropna(), last_name_variants(window.loc[window["az_key"].isna(), "client_name"]),
+            batch_size, _progress(log, "extract mongo"),
+        )
+        docs += mongo_store.fetch_answered_in_window(collection, ctx.window_start, ctx.window_end)
+    except ConnectionFailure as exc:
+        log.warning(f"extract mongo: MongoDB unreachable ({type(exc).__name__}); comparison skipped")
+        return MongoExtract(available=False, error=f"MongoDB unreachable: {type(exc).__name__}")
+    clients, elements = prepare_clients(docs)
+    log.info(f"extract mongo: {len(clients)} client documents, {len(elements)} creditor elements")
+    return MongoExtract(available=True, clients=clients, elements=elements)
+
+
+# --- 3. diff --------------------------------------------------------------------------------------
+
+@dataclass
+class DiffResult:
+    """The window's findings; `mongo_available` False means the comparison was skipped."""
+
+    findings: pd.DataFrame
+    records_checked: int
+    mongo_available: bool
+    note: str | None = None
+
+
+def diff(emails: pd.DataFrame, mongo: MongoExtract, ctx: RunContext, tolerance_cents: int, repair_low_confidence: bool, log: Logger) -> DiffResult:
+    """The findings of the window and the number of pairs compared."""
+    if not mongo.available:
+        log.warning("diff: skipped, MongoDB unreachable")
+        return DiffResult(pd.DataFrame(columns=core_diff.FINDING_COLUMNS), 0, False, mongo.error)
+    options = core_diff.DiffOptions(ctx.window_start, ctx.window_end, tolerance_cents, repair_low_confidence)
+    findings, checked = core_diff.diff(emails, mongo.clients, mongo.elements, options)
+    counts = findings["kind"].value_counts().to_dict() if len(findings) else {}
+    log.info(f"diff: {checked} pairs compared, {len(findings)} findings {counts}")
+    return DiffResult(findings, checked, True)
+
+
+# --- 4. repair ------------------------------------------------------------------------------------
+
+@dataclass
+class RepairResult:
+    """Findings with their action and audit columns, and whether the budget halted repairs."""
+
+    findings: pd.DataFrame
+    records_checked: int
+    mongo_available: bool
+    repairs_halted: bool = False
+    repairable: int = 0
+    note: str | None = None
+
+
+def _updates_from_findings(findings: pd.DataFrame) -> dict[str, list[core_repair.ElementUpdate]]:
+    todo = findings[findings["repairable"]]
+    updates: dict[str, list[core_repair.ElementUpdate]] = {}
+    for key, client_id, pos, email, name, cents, received, observed in zip(
+        todo.index, todo["client_id"], todo["pos"], todo["observed_sender_email"], todo["observed_sender_name"],
+        todo["pg_amount_cents"], todo["received_at"], todo["mongo_raw"],
+    ):
+        updates.setdefault(client_id, []).append(
+            core_repair.ElementUpdate(
+                key=int(key), pos=int(pos), sender_email=None if pd.isna(email) else email,
+                sender_name=None if pd.isna(name) else name, cents=int(cents),
+                received_at=pd.Timestamp(received).to_pydatetime(), observed_amount=observed,
+            )
+        )
+    return updates
+
+
+def repair(
+    engine: Engine, collection_factory: Callable[[], Any], diff: DiffResult, ctx: RunContext,
+    max_repairs: int, lock_wait_seconds: int, batch_size: int, log: Logger,
+) -> RepairResult:
+    """Write PostgreSQL's amounts into MongoDB for the repairable findings (CAS, read back, audited)."""
+    findings = diff.findings.copy()
+    findings["action"] = core_repair.REPORTED
+    findings["error"] = findings["reason"] if len(findings) else None
+    findings["mongo_amount_cents_after"] = pd.array([pd.NA] * len(findings), dtype="Int64")
+    repairable = findings["repairable"].astype(bool) if len(findings) else pd.Series(dtype=bool)
+    result = RepairResult(findings, diff.records_checked, diff.mongo_available, repairable=int(repairable.sum()), note=diff.note)
+    if result.repairable == 0:
+        return result
+    if ctx.dry_run:
+        findings.loc[repairable, "action"] = core_repair.SKIPPED_DRY_RUN
+        log.info(f"repair: dry run, {result.repairable} repairable findings left as they are")
+        return result
+    if result.repairable > max_repairs:
+        findings.loc[repairable, "action"] = core_repair.SKIPPED_BUDGET
+        result.repairs_halted = True
+        result.note = f"{result.repairable} repairable findings exceed max_repairs={max_repairs}: nothing repaired"
+        log.error(f"repair: {result.note}")
+        return result
+    with pg.advisory_lock(engine, pg.MONGO_WRITER_LOCK, lock_wait_seconds) as locked:
+        if not locked:
+            findings.loc[repairable, "action"] = core_repair.SKIPPED_CONCURRENT_CHANGE
+            findings.loc[repairable, "error"] = "another reconciliation run held the MongoDB writer lock"
+            result.note = "another run was writing to MongoDB: repairs skipped, checked again next run"
+            log.warning(f"repair: {result.note}")
+            return result
+        updates = _updates_from_findings(findings)
+        try:
+            with collection_factory() as collection:
+                documents = mongo_store.fetch_by_ids(collection, list(updates), batch_size)
+                outcomes = mongo_store.write_updates(collection, documents, updates, batch_size, _progress(log, "repair"))
+        except ConnectionFailure as exc:
+            outcomes = {
+                u.key: core_repair.Outcome(core_repair.REPAIR_FAILED, error=f"MongoDB unreachable: {type(exc).__name__}", connection_lost=True)
+                for us in updates.values() for u in us
+            }
+    for key, outcome in outcomes.items():
+        findings.loc[key, "action"] = outcome.action
+        findings.loc[key, "error"] = outcome.error
+        findings.loc[key, "mongo_amount_cents_after"] = outcome.after_cents
+    actions = findings.loc[repairable, "action"].value_counts().to_dict()
+    log.info(f"repair: {actions}")
+    return result
+
+
+def audit_rows(ctx: RunContext, findings: pd.DataFrame) -> list[dict]:
+    """reconciliation_findings rows for the diff's findings."""
+    if findings.empty:
+        return []
+    frame = pd.DataFrame(
+        {
+            "report_id": ctx.report_id,
+            "email_id": findings["email_id"].astype(object),
+            "kind": findings["kind"],
+            "client_aktenzeichen": findings["aktenzeichen"].map(lambda v: v[:255] if isinstance(v, str) else None),
+            "creditor_email": findings["creditor_email"].map(lambda v: v[:255] if isinstance(v, str) else None),
+            "pg_amount_cents": findings["pg_amount_cents"].astype(object),
+            "mongo_amount_cents_before": findings["mongo_amount_cents"].astype(object),
+            "mongo_amount_cents_after": findings["mongo_amount_cents_after"].astype(object),
+            "action": findings["action"],
+            "error": findings["error"].map(lambda v: v if isinstance(v, str) else None),
+            "client_id": findings["client_id"].map(lambda v: v if isinstance(v, str) else None),
+            "match_level": findings["match_level"].astype(object),
+        }
+    )
+    frame = frame.astype(object).where(frame.notna(), None)
+    return frame.to_dict("records")
+
+
+# --- 5. cleanup -----------------------------------------------------------------------------------
+
+def cleanup(engine: Engine, retention_days: int, batch_size: int, log: Logger) -> dict[str, int]:
+    """Delete expired idempotency keys and old processed outbox rows in bounded batches."""
+    keys = pg.delete_in_batches(
+        engine, pg.DELETE_EXPIRED_KEYS, {}, batch_size, lambda n: log.info(f"cleanup: {n} expired keys deleted")
+    )
+    outbox = pg.delete_in_batches(
+        engine, pg.DELETE_OLD_OUTBOX, {"days": retention_days}, batch_size,
+        lambda n: log.info(f"cleanup: {n} old outbox rows deleted"),
+    )
+    log.info(f"cleanup: {keys} expired idempotency keys, {outbox} processed outbox rows older than {retention_days} days")
+    return {"expired_keys_deleted": keys, "old_outbox_deleted": outbox}

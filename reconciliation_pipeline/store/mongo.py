@@ -1,0 +1,163 @@
+"""MongoDB access: batched, projected reads and the compare-and-swap writer shared by repair and outbox."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from bson import ObjectId
+from pymongo import UpdateOne
+from pymongo.collection import Collection
+from pymongo.errors import ConnectionFailure, PyMongoError
+
+from reconciliation_pipeline.core.repair import (
+    REPAIR_FAILED,
+    REPAIRED,
+    SKIPPED_CONCURRENT_CHANGE,
+    ElementUpdate,
+    Outcome,
+    plan_client,
+    verify,
+)
+
+COMPARED_FIELDS = {"aktenzeichen": 1, "firstName": 1, "lastName": 1, "final_creditor_list": 1}
+
+
+def _chunks(values: Sequence, size: int) -> Iterator[Sequence]:
+    for i in range(0, len(values), size):
+        yield values[i : i + size]
+
+
+def _plain_strings(values: Iterable[Any]) -> list[str]:
+    # Only plain strings ever reach a filter: a dict such as {"$ne": None} would be an operator.
+    return sorted({v for v in values if isinstance(v, str) and v and "\x00" not in v})
+
+
+def fetch_clients(
+    collection: Collection,
+    aktenzeichen: Iterable[Any],
+    last_names: Iterable[Any],
+    batch_size: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[dict]:
+    """Client documents by aktenzeichen or last name, in `$in` batches, projected to compared fields."""
+    queries = [("aktenzeichen", v) for v in _plain_strings(aktenzeichen)] + [
+        ("lastName", v) for v in _plain_strings(last_names)
+    ]
+    docs: dict[Any, dict] = {}
+    total = (len(queries) + batch_size - 1) // batch_size
+    for done, chunk in enumerate(_chunks(queries, batch_size), start=1):
+        by_field: dict[str, list[str]] = {}
+        for name, value in chunk:
+            by_field.setdefault(name, []).append(value)
+        clauses = [{name: {"$in": values}} for name, values in by_field.items()]
+        query = clauses[0] if len(clauses) == 1 else {"$or": clauses}
+        for doc in collection.find(query, COMPARED_FIELDS):
+            docs[doc["_id"]] = doc
+        if progress:
+            progress(done, total)
+    return list(docs.values())
+
+
+def fetch_answered_in_window(collection: Collection, start: datetime, end: datetime) -> list[dict]:
+    """Client documents with a creditor answer recorded in [start, end) (for extra_in_mongo)."""
+    query = {
+        "final_creditor_list": {
+            "$elemMatch": {"amount_source": "creditor_response", "response_received_at": {"$gte": start, "$lt": end}}
+        }
+    }
+    return list(collection.find(query, COMPARED_FIELDS))
+
+
+def fetch_by_ids(collection: Collection, ids: Sequence[Any], batch_size: int) -> dict[str, dict]:
+    """Whole client documents by _id (string keys), in batches."""
+    out: dict[str, dict] = {}
+    for chunk in _chunks(list(ids), batch_size):
+        object_ids = [ObjectId(i) if isinstance(i, str) and ObjectId.is_valid(i) else i for i in chunk]
+        for doc in collection.find({"_id": {"$in": object_ids}}, {"final_creditor_list": 1, "aktenzeichen": 1}):
+            out[str(doc["_id"])] = doc
+    return out
+
+
+def _cas_filter(doc_id: Any, observed: list) -> dict:
+    # $literal: the observed list may hold strings starting with '$', which must not be read as paths.
+    return {"_id": doc_id, "$expr": {"$eq": ["$final_creditor_list", {"$literal": observed}]}}
+
+
+def write_updates(
+    collection: Collection,
+    documents: Mapping[str, Mapping],
+    updates: Mapping[str, Sequence[ElementUpdate]],
+    batch_size: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[Hashable, Outcome]:
+    """Apply updates per client with one compare-and-swap write each (bulk_write), then read back.
+
+    Only a change seen in the read-back counts as repaired. A document that changed since it was
+    read is left alone: the concurrent write wins and the update is skipped_concurrent_change.
+    """
+    outcomes: dict[Hashable, Outcome] = {}
+    client_ids = [cid for cid in updates if updates[cid]]
+    total = (len(client_ids) + batch_size - 1) // batch_size
+    for done, chunk in enumerate(_chunks(client_ids, batch_size), start=1):
+        plans = {}
+        for cid in chunk:
+            doc = documents.get(cid)
+            if doc is None or not isinstance(doc.get("final_creditor_list"), list):
+                for u in updates[cid]:
+                    outcomes[u.key] = Outcome(SKIPPED_CONCURRENT_CHANGE, error="client document or its creditor list is gone")
+                continue
+            plan = plan_client(doc["final_creditor_list"], updates[cid])
+            for u in updates[cid]:
+                if u.key in plan.conflicts:
+                    outcomes[u.key] = Outcome(SKIPPED_CONCURRENT_CHANGE, error=plan.conflicts[u.key])
+            if plan.applied:
+                plans[cid] = (doc["_id"], plan)
+        if not plans:
+            continue
+        try:
+            collection.bulk_write(
+                [UpdateOne(_cas_filter(oid, p.observed), {"$set": {"final_creditor_list": p.new}}) for oid, p in plans.values()],
+                ordered=False,
+            )
+        except ConnectionFailure as exc:
+            _unknown(plans, outcomes, f"MongoDB connection lost during write: {type(exc).__name__}")
+            _abandon(client_ids[client_ids.index(chunk[-1]) + 1 :], updates, outcomes)
+            break
+        except PyMongoError as exc:
+            for _, plan in plans.values():
+                for u in plan.applied:
+                    outcomes[u.key] = Outcome(REPAIR_FAILED, plan.before.get(u.key), error=f"write failed: {type(exc).__name__}: {exc}"[:500])
+            continue
+        try:
+            read_back = fetch_by_ids(collection, [oid for oid, _ in plans.values()], batch_size)
+        except ConnectionFailure as exc:
+            _unknown(plans, outcomes, f"MongoDB connection lost before read-back: {type(exc).__name__}")
+            _abandon(client_ids[client_ids.index(chunk[-1]) + 1 :], updates, outcomes)
+            break
+        for cid, (oid, plan) in plans.items():
+            current = (read_back.get(str(oid)) or {}).get("final_creditor_list")
+            for u in plan.applied:
+                ok, after = verify(current, u)
+                if ok:
+                    outcomes[u.key] = Outcome(REPAIRED, plan.before.get(u.key), after)
+                elif current == plan.observed:
+                    outcomes[u.key] = Outcome(REPAIR_FAILED, plan.before.get(u.key), after, "write acknowledged but not visible in the read-back")
+                else:
+                    outcomes[u.key] = Outcome(SKIPPED_CONCURRENT_CHANGE, plan.before.get(u.key), after, "read-back differs: a concurrent write won")
+        if progress:
+            progress(done, total)
+    return outcomes
+
+
+def _unknown(plans: Mapping, outcomes: dict, message: str) -> None:
+    for _, plan in plans.values():
+        for u in plan.applied:
+            outcomes[u.key] = Outcome(REPAIR_FAILED, plan.before.get(u.key), error=message + " (unverified)", connection_lost=True)
+
+
+def _abandon(client_ids: Sequence[str], updates: Mapping[str, Sequence[ElementUpdate]], outcomes: dict) -> None:
+    for cid in client_ids:
+        for u in updates[cid]:
+            outcomes.setdefault(u.key, Outcome(REPAIR_FAILED, error="not attempted: MongoDB connection lost", connection_lost=True))

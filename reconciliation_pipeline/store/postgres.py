@@ -1,0 +1,269 @@
+"""PostgreSQL access: window extracts, outbox claims, cleanup batches and the report tables."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+import pandas as pd
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from reconciliation_pipeline.core.frames import EMAIL_COLUMNS
+from reconciliation_pipeline.schema import reconciliation_findings, reconciliation_reports
+
+# extracted_data is `json`: any `->` on a value holding \u0000 raises, so rows are read as text and
+# parsed in Python; the strpos() test only narrows the scan.
+_EMAIL_SELECT = """
+SELECT id AS email_id, from_email, received_at, created_at, {in_window} AS in_window,
+       extracted_data::text AS extracted_json
+FROM incoming_emails
+WHERE sync_status = 'synced'
+  AND json_typeof(extracted_data) = 'object'
+  AND strpos(extracted_data::text, '"debt_amount"') > 0
+"""
+WINDOW_EMAILS = sa.text(_EMAIL_SELECT.format(in_window="true") + " AND created_at >= :start AND created_at < :end")
+RELATED_EMAILS = sa.text(
+    _EMAIL_SELECT.format(in_window="false")
+    + """
+  AND NOT (created_at >= :start AND created_at < :end)
+  AND ((lower(btrim(from_email)) = ANY(:emails) AND received_at >= :min_received)
+       OR (received_at >= :start AND received_at < :end))
+"""
+)
+
+MONGO_WRITER_LOCK = 7_340_210_001  # pg advisory lock key: one MongoDB writer at a time
+
+
+def _frame(result: sa.CursorResult, chunk_rows: int, progress: Callable[[int], None] | None) -> pd.DataFrame:
+    frames, seen = [], 0
+    for part in result.partitions(chunk_rows):
+        frames.append(pd.DataFrame(part, columns=EMAIL_COLUMNS))
+        seen += len(part)
+        if progress:
+            progress(seen)
+    if not frames:
+        return pd.DataFrame({c: pd.Series(dtype="object") for c in EMAIL_COLUMNS})
+    return pd.concat(frames, ignore_index=True)
+
+
+def extract_emails(
+    engine: Engine, start: datetime, end: datetime, chunk_rows: int = 50_000, progress: Callable[[int], None] | None = None
+) -> pd.DataFrame:
+    """The window's synced emails with a debt_amount, plus the synced emails that may be newer for
+    the same creditor (same sender after the oldest window email) or that answer inside the window."""
+    with engine.connect() as conn:
+        stream = conn.execution_options(stream_results=True, yield_per=chunk_rows)
+        window = _frame(stream.execute(WINDOW_EMAILS, {"start": start, "end": end}), chunk_rows, progress)
+        if window.empty:
+            return window
+        senders = sorted({e.strip().lower() for e in window["from_email"] if isinstance(e, str)})
+        min_received = pd.to_datetime(window["received_at"], utc=True).min().to_pydatetime()
+        related = _frame(
+            stream.execute(RELATED_EMAILS, {"start": start, "end": end, "emails": senders, "min_received": min_received}),
+            chunk_rows,
+            None,
+        )
+    return pd.concat([window, related], ignore_index=True) if len(related) else window
+
+
+# --- outbox -------------------------------------------------------------------------------------
+
+CLAIM_OUTBOX = sa.text(
+    """
+SELECT o.id, o.aggregate_type, o.aggregate_id, o.payload::text AS payload, o.created_at,
+       o.retry_count, o.max_retries, e.id AS email_id, e.received_at AS email_received_at
+FROM outbox_messages o
+LEFT JOIN incoming_emails e
+  ON o.aggregate_type = 'incoming_email'
+ AND e.id = CASE WHEN o.aggregate_id ~ '^[0-9]{1,9}$' THEN o.aggregate_id::integer END
+WHERE o.processed_at IS NULL AND o.retry_count < o.max_retries AND o.id <> ALL(:seen)
+ORDER BY o.created_at, o.id
+LIMIT :limit
+FOR UPDATE OF o SKIP LOCKED
+"""
+)
+
+
+def claim_outbox(conn: Connection, limit: int, seen: Sequence[int]) -> list[Mapping[str, Any]]:
+    """Lock up to `limit` pending messages, oldest first, skipping rows other workers hold."""
+    return [dict(r._mapping) for r in conn.execute(CLAIM_OUTBOX, {"limit": limit, "seen": list(seen)})]
+
+
+def count_pending_outbox(conn: Connection, exclude: Sequence[int] = ()) -> int:
+    """Messages still waiting for delivery (other than `exclude`)."""
+    return conn.execute(
+        sa.text(
+            "SELECT count(*) FROM outbox_messages WHERE processed_at IS NULL AND retry_count < max_retries "
+            "AND id <> ALL(:exclude)"
+        ),
+        {"exclude": list(exclude)},
+    ).scalar_one()
+
+
+def count_dead_outbox(conn: Connection) -> int:
+    """Messages that exhausted their retries and were never delivered."""
+    return conn.execute(
+        sa.text("SELECT count(*) FROM outbox_messages WHERE processed_at IS NULL AND retry_count >= max_retries")
+    ).scalar_one()
+
+
+def mark_delivered(conn: Connection, message_ids: Sequence[int], email_ids: Sequence[int]) -> None:
+    """Delivered messages get processed_at; their emails become synced (same transaction)."""
+    conn.execute(
+        sa.text("UPDATE outbox_messages SET processed_at = now(), error_message = NULL WHERE id = ANY(:ids)"),
+        {"ids": list(message_ids)},
+    )
+    if email_ids:
+        conn.execute(
+            sa.text(
+                "UPDATE incoming_emails SET sync_status = 'synced', sync_error = NULL, updated_at = now() "
+                "WHERE id = ANY(:ids)"
+            ),
+            {"ids": list(email_ids)},
+        )
+
+
+def mark_failed(conn: Connection, message_id: int, email_id: int | None, error: str, poison: bool) -> bool:
+    """Count a failed attempt (a poison message goes dead at once); returns whether it is now dead."""
+    dead = conn.execute(
+        sa.text(
+            "UPDATE outbox_messages SET retry_count = CASE WHEN :poison THEN greatest(max_retries, retry_count + 1) "
+            "ELSE retry_count + 1 END, error_message = :error WHERE id = :id RETURNING retry_count >= max_retries"
+        ),
+        {"id": message_id, "error": error, "poison": poison},
+    ).scalar_one()
+    if email_id is not None:
+        conn.execute(
+            sa.text(
+                "UPDATE incoming_emails SET sync_error = :error, sync_retry_count = sync_retry_count + 1, "
+                "sync_status = CASE WHEN :dead THEN 'failed' ELSE sync_status END, updated_at = now() WHERE id = :id"
+            ),
+            {"id": email_id, "error": error, "dead": dead},
+        )
+    return bool(dead)
+
+
+# --- cleanup ------------------------------------------------------------------------------------
+
+DELETE_EXPIRED_KEYS = sa.text(
+    "DELETE FROM idempotency_keys WHERE key IN "
+    "(SELECT key FROM idempotency_keys WHERE expires_at < now() LIMIT :n FOR UPDATE SKIP LOCKED)"
+)
+DELETE_OLD_OUTBOX = sa.text(
+    "DELETE FROM outbox_messages WHERE id IN (SELECT id FROM outbox_messages WHERE processed_at IS NOT NULL "
+    "AND created_at < now() - make_interval(days => :days) LIMIT :n FOR UPDATE SKIP LOCKED)"
+)
+
+
+def delete_in_batches(
+    engine: Engine, statement: sa.TextClause, params: Mapping[str, Any], batch_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Run a bounded DELETE repeatedly, one short transaction per batch; returns the rows deleted."""
+    total = 0
+    while True:
+        with engine.begin() as conn:
+            deleted = conn.execute(statement, {**params, "n": batch_size}).rowcount
+        total += deleted
+        if progress and deleted:
+            progress(total)
+        if deleted < batch_size:
+            return total
+
+
+# --- reports ------------------------------------------------------------------------------------
+
+def open_report(
+    engine: Engine, run_id: str, partition_key: str | None, window_start: datetime, window_end: datetime, dry_run: bool
+) -> int:
+    """Create (or re-open, for a re-executed run) the run's report row with status running."""
+    values = dict(
+        run_id=run_id, partition_key=partition_key, window_start=window_start, window_end=window_end,
+        status="running", dry_run=dry_run, pid=os.getpid(), hostname=socket.gethostname(),
+        heartbeat_at=sa.func.now(), run_at=sa.func.now(), completed_at=None, error_message=None,
+    )
+    stmt = sa.dialects.postgresql.insert(reconciliation_reports).values(**values)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["run_id"], set_={k: stmt.excluded[k] for k in values if k != "run_id"}
+    ).returning(reconciliation_reports.c.id)
+    with engine.begin() as conn:
+        return conn.execute(stmt).scalar_one()
+
+
+def heartbeat(engine: Engine, report_id: int) -> None:
+    """Mark the report as alive (the stale-report sensor looks at this)."""
+    with engine.begin() as conn:
+        conn.execute(
+            reconciliation_reports.update().where(reconciliation_reports.c.id == report_id).values(heartbeat_at=sa.func.now())
+        )
+
+
+def finish_report(engine: Engine, report_id: int, values: Mapping[str, Any]) -> None:
+    """Record the final counts and details and mark the report completed."""
+    with engine.begin() as conn:
+        conn.execute(
+            reconciliation_reports.update()
+            .where(reconciliation_reports.c.id == report_id)
+            .values(**values, status="completed", completed_at=sa.func.now(), heartbeat_at=sa.func.now())
+        )
+
+
+def fail_report(engine: Engine, run_id: str, error: str) -> int:
+    """Close a still-running report as failed; returns the number of rows changed."""
+    with engine.begin() as conn:
+        return conn.execute(
+            reconciliation_reports.update()
+            .where(reconciliation_reports.c.run_id == run_id, reconciliation_reports.c.status == "running")
+            .values(status="failed", error_message=error[:10_000], completed_at=sa.func.now())
+        ).rowcount
+
+
+def running_reports(engine: Engine) -> list[Mapping[str, Any]]:
+    """Reports still marked running (to be checked against their Dagster runs)."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(
+                reconciliation_reports.c.id, reconciliation_reports.c.run_id, reconciliation_reports.c.pid,
+                reconciliation_reports.c.hostname, reconciliation_reports.c.heartbeat_at,
+            ).where(reconciliation_reports.c.status == "running")
+        )
+        return [dict(r._mapping) for r in rows]
+
+
+FINDING_FIELDS = [c.name for c in reconciliation_findings.columns if c.name not in ("id", "created_at")]
+
+
+def insert_findings(engine: Engine, rows: Sequence[Mapping[str, Any]], batch_size: int = 5_000) -> int:
+    """Append audit rows to reconciliation_findings."""
+    for i in range(0, len(rows), batch_size):
+        with engine.begin() as conn:
+            conn.execute(reconciliation_findings.insert(), [{k: r.get(k) for k in FINDING_FIELDS} for r in rows[i : i + batch_size]])
+    return len(rows)
+
+
+@contextmanager
+def advisory_lock(engine: Engine, key: int, wait_seconds: float, poll_seconds: float = 1.0) -> Iterator[bool]:
+    """Hold a session-level advisory lock while the block runs; yields False if it was not free in time.
+
+    The lock dies with the connection, so a killed run never leaves it behind.
+    """
+    with engine.connect() as conn:
+        deadline = time.monotonic() + wait_seconds
+        while not conn.execute(sa.select(sa.func.pg_try_advisory_lock(key))).scalar_one():
+            conn.commit()
+            if time.monotonic() >= deadline:
+                yield False
+                return
+            time.sleep(poll_seconds)
+        conn.commit()
+        try:
+            yield True
+        finally:
+            conn.execute(sa.select(sa.func.pg_advisory_unlock(key)))
+            conn.commit()
