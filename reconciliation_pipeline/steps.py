@@ -87,6 +87,9 @@ def _request_frame(messages: list[Mapping[str, Any]], requests: Mapping[int, Del
     return add_email_keys(raw)
 
 
+HELD_BACK = "held back: an older message of the same aggregate failed in this run"
+
+
 def _deliver_batch(
     collection: Collection, messages: list[Mapping[str, Any]], requests: Mapping[int, DeliveryRequest], batch_size: int
 ) -> tuple[dict[int, core_repair.Outcome], dict[int, str]]:
@@ -100,14 +103,20 @@ def _deliver_batch(
     by_id = {str(d["_id"]): d for d in docs}
     updates: dict[str, list[core_repair.ElementUpdate]] = {}
     failures: dict[int, str] = {}
+    failed_aggregates: set[tuple[str, str]] = set()
     for message in messages:  # already in created_at order: later messages win on the same creditor
         mid, request = message["id"], requests[message["id"]]
+        aggregate = (message["aggregate_type"], message["aggregate_id"])
+        if aggregate in failed_aggregates:
+            failures[mid] = HELD_BACK
+            continue
         row = matched.loc[mid]
         if row["client_status"] != "matched":
             failures[mid] = f"client {row['client_status']}: {row['client_reason']}"
-            continue
-        if row["creditor_status"] != "matched":
+        elif row["creditor_status"] != "matched":
             failures[mid] = f"creditor {row['creditor_status']}: {row['creditor_reason']}"
+        if mid in failures:
+            failed_aggregates.add(aggregate)
             continue
         element = by_id[row["client_id"]]["final_creditor_list"][int(row["pos"])]
         received = message["email_received_at"] or request.response_received_at or message["created_at"]
@@ -159,7 +168,6 @@ def retry_outbox(
                         result.retried += 1
                         result.failed += 1
                         result.became_dead += int(pg.mark_failed(conn, m["id"], m["email_id"], poison, poison=True))
-                        blocked_aggregates.add(aggregate)
                         audit.append(_outbox_audit(ctx, m, None, core_repair.REPAIR_FAILED, poison))
                         continue
                     requests[m["id"]] = request
@@ -173,6 +181,9 @@ def retry_outbox(
                     outcome = outcomes.get(mid)
                     if outcome is not None and outcome.connection_lost:
                         connection_lost = True
+                    if failures.get(mid) == HELD_BACK:
+                        result.deferred += 1
+                        continue
                     if outcome is not None and (outcome.connection_lost or outcome.action == core_repair.SKIPPED_CONCURRENT_CHANGE):
                         # not the message's fault: no retry consumed, delivered again next run
                         result.deferred += 1
@@ -189,8 +200,10 @@ def retry_outbox(
                         continue
                     error = failures.get(mid) or (outcome.error if outcome else "not delivered")
                     result.failed += 1
-                    blocked_aggregates.add((m["aggregate_type"], m["aggregate_id"]))
-                    result.became_dead += int(pg.mark_failed(conn, mid, m["email_id"], error, poison=False))
+                    dead = pg.mark_failed(conn, mid, m["email_id"], error, poison=False)
+                    result.became_dead += int(dead)
+                    if not dead:  # a dead message no longer holds back the newer ones
+                        blocked_aggregates.add((m["aggregate_type"], m["aggregate_id"]))
                     audit.append(_outbox_audit(ctx, m, requests[mid], core_repair.REPAIR_FAILED, error, outcome))
                 if delivered:
                     pg.mark_delivered(conn, delivered, delivered_emails)

@@ -57,7 +57,7 @@ def match_clients(emails: pd.DataFrame, clients: pd.DataFrame) -> pd.DataFrame:
 
     out = base[["email_id"]].copy()
     out["n"] = out["email_id"].map(counts["count"]).fillna(0).astype(int)
-    out["client_id"] = out["email_id"].map(counts["first"]).where(out["n"] == 1)
+    out["client_id"] = out["email_id"].map(counts["first"]).astype(object).where(out["n"] == 1)
     out["client_status"] = np.select([out["n"] == 1, out["n"] > 1], ["matched", "ambiguous"], "not_found")
     reason = base["az_reason"].astype(object)
     has_key = base["az_key"].notna() | base["name_key"].notna()
@@ -81,7 +81,7 @@ def match_creditors(emails: pd.DataFrame, elements: pd.DataFrame) -> pd.DataFram
     candidates wins and several candidates there make the creditor ambiguous.
     """
     cols = ["email_id", "client_id", "from_email_key", "domain", "creditor_name_key", "creditor_words"]
-    cand = emails[cols].merge(
+    cand = emails[cols].astype({"client_id": object}).merge(
         elements[["client_id", "pos", "sender_email_key", "sender_domain", "sender_name_key", "sender_words"]],
         on="client_id",
     )
@@ -101,6 +101,7 @@ def match_creditors(emails: pd.DataFrame, elements: pd.DataFrame) -> pd.DataFram
     out = emails[["email_id"]].copy()
     out["n"] = out["email_id"].map(stats["n"]).fillna(0).astype(int)
     out["pos"] = out["email_id"].map(stats["pos"]).where(out["n"] == 1).astype("Int64")
+    winners = winners.astype({"client_id": object, "pos": "Int64"})
     out["match_level"] = out["email_id"].map(stats["level"]).astype("Int64")
     out["creditor_status"] = np.select([out["n"] == 1, out["n"] > 1], ["matched", "ambiguous"], "not_found")
     out.attrs["candidates"] = winners[["email_id", "client_id", "pos"]].reset_index(drop=True)
@@ -162,10 +163,11 @@ def diff(emails: pd.DataFrame, clients: pd.DataFrame, elements: pd.DataFrame, op
     paired = m[m["creditor_status"] == "matched"].sort_values(["received_at", "email_id"])
     window_pairs = paired.loc[paired["in_window"], ["client_id", "pos"]].drop_duplicates()
     newest = paired.drop_duplicates(["client_id", "pos"], keep="last").merge(window_pairs, on=["client_id", "pos"])
+    newest = newest.astype({"client_id": object, "pos": "Int64"})
     records_checked = len(newest) + len(not_client) + len(not_creditor)
 
     # The datacompy-style core: one outer merge with an indicator against the creditor elements.
-    el = elements.assign(pos=elements["pos"].astype("Int64"))
+    el = elements.astype({"client_id": object, "pos": "Int64"})
     merged = newest.merge(el, on=["client_id", "pos"], how="outer", indicator=True)
     both = merged[merged["_merge"] == "both"]
     pg_ok = both["amount_cents"].notna().to_numpy(bool)
@@ -190,7 +192,7 @@ def diff(emails: pd.DataFrame, clients: pd.DataFrame, elements: pd.DataFrame, op
     )
 
     # A creditor answer in MongoDB inside the window that no synced email maps to.
-    mapped = candidates[["client_id", "pos"]].drop_duplicates().assign(_mapped=True)
+    mapped = candidates[["client_id", "pos"]].drop_duplicates().astype({"client_id": object, "pos": "Int64"}).assign(_mapped=True)
     el_only = el.merge(mapped, on=["client_id", "pos"], how="left")
     in_window = (el_only["response_received_at"] >= options.window_start) & (
         el_only["response_received_at"] < options.window_end

@@ -31,9 +31,8 @@ def email_key(values: pd.Series) -> pd.Series:
 
 def email_domain(email_keys: pd.Series) -> pd.Series:
     """The part after the last '@' of an e-mail key, NA when there is none."""
-    domain = email_keys.str.rpartition("@")[2]
-    has_at = email_keys.str.contains("@", regex=False).fillna(False).astype(bool)
-    return domain.where(has_at & (domain.str.len() > 0))
+    domain = email_keys.str.extract(r"@([^@]+)$", expand=False)
+    return domain.astype("string")
 
 
 def aktenzeichen_key(values: pd.Series) -> tuple[pd.Series, pd.Series]:
