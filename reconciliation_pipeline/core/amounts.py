@@ -10,7 +10,7 @@ from typing import Any
 MAX_AMOUNT = Decimal(10) ** 12
 _MAX_TEXT = 64
 _CURRENCY = re.compile(r"^\s*(?:€|eur\b)?\s*(?P<body>.*?)\s*(?:€|eur)?\s*$", re.IGNORECASE)
-_DIGITS = re.compile(r"^\d+$")
+_DIGITS = re.compile(r"^[0-9]+$")
 _CENT = Decimal("0.01")
 
 

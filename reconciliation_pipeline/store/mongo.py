@@ -61,12 +61,14 @@ def fetch_clients(
 
 
 def fetch_answered_in_window(collection: Collection, start: datetime, end: datetime) -> list[dict]:
-    """Client documents with a creditor answer recorded in [start, end) (for extra_in_mongo)."""
-    query = {
-        "final_creditor_list": {
-            "$elemMatch": {"amount_source": "creditor_response", "response_received_at": {"$gte": start, "$lt": end}}
-        }
-    }
+    """Client documents with a creditor answer recorded since `start` (for extra_in_mongo).
+
+    A superset on purpose: the `< end` bound is applied in pandas. nx-27017 answers a `$gte`/`$lt`
+    pair on a date inside `$elemMatch` with no documents at all, while this form is exact on real
+    MongoDB and a superset on the stand-in.
+    """
+    del end
+    query = {"final_creditor_list": {"$elemMatch": {"amount_source": "creditor_response", "response_received_at": {"$gte": start}}}}
     return list(collection.find(query, COMPARED_FIELDS))
 
 
