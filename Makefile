@@ -57,8 +57,8 @@ services: venv
 
 tables: services
 	$(WITH_ENV)
-	$(VPY) -m reconciliation_pipeline.db upgrade
 	$(VPY) -m reconciliation_pipeline.db create-app-tables
+	$(VPY) -m reconciliation_pipeline.db upgrade
 
 # Optional for local runs: browser tests skip themselves without chromium.  .ci/run installs it.
 chromium-check:
