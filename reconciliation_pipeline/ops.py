@@ -4,7 +4,7 @@
 import pandas as pd
 import dagster as dg
 
-from reconciliation_pipeline import steps
+from reconciliation_pipeline import faults, steps
 from reconciliation_pipeline.liveness import close_stale_reports
 from reconciliation_pipeline.report import build_report
 from reconciliation_pipeline.resources import MongoResource, PostgresResource, ReconciliationSettings
@@ -23,6 +23,7 @@ def open_report(context: dg.OpExecutionContext, postgres: PostgresResource, sett
     with postgres.get_engine() as engine:
         closed = close_stale_reports(engine, context.instance, context.log)
         report_id = pg.open_report(engine, context.run_id, context.partition_key, start, end, settings.dry_run)
+    faults.checkpoint("after_report_created")
     context.log.info(
         f"report {report_id}: partition {context.partition_key}, window [{start.isoformat()}, {end.isoformat()}), "
         f"dry_run={settings.dry_run}, stale reports closed: {closed}"

@@ -16,6 +16,7 @@ from pymongo.collection import Collection
 from pymongo.errors import ConnectionFailure, PyMongoError
 from sqlalchemy.engine import Engine
 
+from reconciliation_pipeline import faults
 from reconciliation_pipeline.core import diff as core_diff
 from reconciliation_pipeline.core import repair as core_repair
 from reconciliation_pipeline.core.frames import add_email_keys, prepare_clients, prepare_emails
@@ -175,6 +176,8 @@ def retry_outbox(
                 outcomes, failures = (
                     _deliver_batch(collection, deliverable, requests, mongo_batch_size) if deliverable else ({}, {})
                 )
+                if outcomes:
+                    faults.checkpoint("after_outbox_mongo_write")
                 delivered, delivered_emails = [], []
                 for m in deliverable:
                     mid = m["id"]
@@ -370,6 +373,7 @@ def repair(
             with collection_factory() as collection:
                 documents = mongo_store.fetch_by_ids(collection, list(updates), batch_size)
                 outcomes = mongo_store.write_updates(collection, documents, updates, batch_size, _progress(log, "repair"))
+                faults.checkpoint("after_repair_mongo_write")
         except ConnectionFailure as exc:
             outcomes = {
                 u.key: core_repair.Outcome(core_repair.REPAIR_FAILED, error=f"MongoDB unreachable: {type(exc).__name__}", connection_lost=True)
@@ -412,9 +416,11 @@ def audit_rows(ctx: RunContext, findings: pd.DataFrame) -> list[dict]:
 
 def cleanup(engine: Engine, retention_days: int, batch_size: int, log: Logger) -> dict[str, int]:
     """Delete expired idempotency keys and old processed outbox rows in bounded batches."""
-    keys = pg.delete_in_batches(
-        engine, pg.DELETE_EXPIRED_KEYS, {}, batch_size, lambda n: log.info(f"cleanup: {n} expired keys deleted")
-    )
+    def deleted_keys(n: int) -> None:
+        log.info(f"cleanup: {n} expired keys deleted")
+        faults.checkpoint("mid_cleanup")
+
+    keys = pg.delete_in_batches(engine, pg.DELETE_EXPIRED_KEYS, {}, batch_size, deleted_keys)
     outbox = pg.delete_in_batches(
         engine, pg.DELETE_OLD_OUTBOX, {"days": retention_days}, batch_size,
         lambda n: log.info(f"cleanup: {n} old outbox rows deleted"),
