@@ -246,13 +246,28 @@ def _outbox_audit(
 
 # --- 2. extract -----------------------------------------------------------------------------------
 
-def extract_postgres(engine: Engine, ctx: RunContext, log: Logger) -> pd.DataFrame:
+def _prepared(chunks: Any, log: Logger, what: str) -> pd.DataFrame:
+    frames, rows = [], 0
+    for chunk in chunks:  # parse each chunk at once so the JSON text never piles up
+        frames.append(prepare_emails(chunk))
+        rows += len(chunk)
+        log.info(f"extract postgres: {rows} {what} rows read")
+    return pd.concat(frames, ignore_index=True) if frames else prepare_emails(pd.DataFrame())
+
+
+def extract_postgres(engine: Engine, ctx: RunContext, log: Logger, chunk_rows: int = 50_000) -> pd.DataFrame:
     """The window's synced emails plus the later/related ones, parsed into comparison keys."""
-    rows = pg.extract_emails(
-        engine, ctx.window_start, ctx.window_end, progress=lambda n: log.info(f"extract postgres: {n} rows read")
+    window = _prepared(pg.stream_window_emails(engine, ctx.window_start, ctx.window_end, chunk_rows), log, "window")
+    if window.empty:
+        log.info("extract postgres: no synced emails with a debt_amount in the window")
+        return window
+    senders = sorted(window["from_email_key"].dropna().unique())
+    min_received = window["received_at"].min().to_pydatetime()
+    related = _prepared(
+        pg.stream_related_emails(engine, ctx.window_start, ctx.window_end, senders, min_received, chunk_rows), log, "related"
     )
-    emails = prepare_emails(rows)
-    log.info(f"extract postgres: {int(emails['in_window'].sum())} emails in the window, {int((~emails['in_window']).sum())} related emails")
+    emails = pd.concat([window, related], ignore_index=True) if len(related) else window
+    log.info(f"extract postgres: {len(window)} emails in the window, {len(related)} related emails")
     return emails
 
 
@@ -269,16 +284,20 @@ class MongoExtract:
 def extract_mongo(collection: Collection, emails: pd.DataFrame, ctx: RunContext, batch_size: int, log: Logger) -> MongoExtract:
     """Client documents the window's emails refer to, plus those with creditor answers in the window."""
     window = emails[emails["in_window"]]
+    parts: list[tuple[pd.DataFrame, pd.DataFrame]] = []
     try:
-        docs = mongo_store.fetch_clients(
+        batches = mongo_store.iter_client_batches(
             collection, emails["az_key"].dropna(), last_name_variants(window.loc[window["az_key"].isna(), "client_name"]),
             batch_size, _progress(log, "extract mongo"),
         )
-        docs += mongo_store.fetch_answered_in_window(collection, ctx.window_start, ctx.window_end)
+        parts = [prepare_clients(batch) for batch in batches]  # documents become narrow frames per batch
+        parts.append(prepare_clients(mongo_store.fetch_answered_in_window(collection, ctx.window_start, ctx.window_end)))
     except ConnectionFailure as exc:
         log.warning(f"extract mongo: MongoDB unreachable ({type(exc).__name__}); comparison skipped")
         return MongoExtract(available=False, error=f"MongoDB unreachable: {type(exc).__name__}")
-    clients, elements = prepare_clients(docs)
+    clients = pd.concat([c for c, _ in parts], ignore_index=True).drop_duplicates("client_id", ignore_index=True)
+    elements = pd.concat([e for _, e in parts], ignore_index=True)
+    elements = elements[~elements.duplicated(["client_id", "pos"])].reset_index(drop=True)
     log.info(f"extract mongo: {len(clients)} client documents, {len(elements)} creditor elements")
     return MongoExtract(available=True, clients=clients, elements=elements)
 

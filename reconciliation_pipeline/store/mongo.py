@@ -34,18 +34,18 @@ def _plain_strings(values: Iterable[Any]) -> list[str]:
     return sorted({v for v in values if isinstance(v, str) and v and "\x00" not in v})
 
 
-def fetch_clients(
+def iter_client_batches(
     collection: Collection,
     aktenzeichen: Iterable[Any],
     last_names: Iterable[Any],
     batch_size: int,
     progress: Callable[[int, int], None] | None = None,
-) -> list[dict]:
-    """Client documents by aktenzeichen or last name, in `$in` batches, projected to compared fields."""
+) -> Iterator[list[dict]]:
+    """Client documents by aktenzeichen or last name, one `$in` query per batch of keys, projected
+    to the compared fields. A document may come in more than one batch (by aktenzeichen and name)."""
     queries = [("aktenzeichen", v) for v in _plain_strings(aktenzeichen)] + [
         ("lastName", v) for v in _plain_strings(last_names)
     ]
-    docs: dict[Any, dict] = {}
     total = (len(queries) + batch_size - 1) // batch_size
     for done, chunk in enumerate(_chunks(queries, batch_size), start=1):
         by_field: dict[str, list[str]] = {}
@@ -53,10 +53,16 @@ def fetch_clients(
             by_field.setdefault(name, []).append(value)
         clauses = [{name: {"$in": values}} for name, values in by_field.items()]
         query = clauses[0] if len(clauses) == 1 else {"$or": clauses}
-        for doc in collection.find(query, COMPARED_FIELDS):
-            docs[doc["_id"]] = doc
+        yield list(collection.find(query, COMPARED_FIELDS, batch_size=1000))
         if progress:
             progress(done, total)
+
+
+def fetch_clients(collection: Collection, aktenzeichen: Iterable[Any], last_names: Iterable[Any], batch_size: int) -> list[dict]:
+    """All client documents for the keys (small sets: outbox batches), without duplicates."""
+    docs: dict[Any, dict] = {}
+    for batch in iter_client_batches(collection, aktenzeichen, last_names, batch_size):
+        docs.update((d["_id"], d) for d in batch)
     return list(docs.values())
 
 

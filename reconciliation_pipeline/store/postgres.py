@@ -40,36 +40,28 @@ RELATED_EMAILS = sa.text(
 MONGO_WRITER_LOCK = 7_340_210_001  # pg advisory lock key: one MongoDB writer at a time
 
 
-def _frame(result: sa.CursorResult, chunk_rows: int, progress: Callable[[int], None] | None) -> pd.DataFrame:
-    frames, seen = [], 0
-    for part in result.partitions(chunk_rows):
-        frames.append(pd.DataFrame(part, columns=EMAIL_COLUMNS))
-        seen += len(part)
-        if progress:
-            progress(seen)
-    if not frames:
-        return pd.DataFrame({c: pd.Series(dtype="object") for c in EMAIL_COLUMNS})
-    return pd.concat(frames, ignore_index=True)
-
-
-def extract_emails(
-    engine: Engine, start: datetime, end: datetime, chunk_rows: int = 50_000, progress: Callable[[int], None] | None = None
-) -> pd.DataFrame:
-    """The window's synced emails with a debt_amount, plus the synced emails that may be newer for
-    the same creditor (same sender after the oldest window email) or that answer inside the window."""
+def _stream(
+    engine: Engine, statement: sa.TextClause, params: Mapping[str, Any], chunk_rows: int
+) -> Iterator[pd.DataFrame]:
+    """Raw email rows in chunks from a server-side cursor (bounded memory for any window)."""
     with engine.connect() as conn:
-        stream = conn.execution_options(stream_results=True, yield_per=chunk_rows)
-        window = _frame(stream.execute(WINDOW_EMAILS, {"start": start, "end": end}), chunk_rows, progress)
-        if window.empty:
-            return window
-        senders = sorted({e.strip().lower() for e in window["from_email"] if isinstance(e, str)})
-        min_received = pd.to_datetime(window["received_at"], utc=True).min().to_pydatetime()
-        related = _frame(
-            stream.execute(RELATED_EMAILS, {"start": start, "end": end, "emails": senders, "min_received": min_received}),
-            chunk_rows,
-            None,
-        )
-    return pd.concat([window, related], ignore_index=True) if len(related) else window
+        result = conn.execution_options(stream_results=True, yield_per=chunk_rows).execute(statement, params)
+        for part in result.partitions(chunk_rows):
+            yield pd.DataFrame(part, columns=EMAIL_COLUMNS)
+
+
+def stream_window_emails(engine: Engine, start: datetime, end: datetime, chunk_rows: int = 50_000) -> Iterator[pd.DataFrame]:
+    """The window's synced emails that have a debt_amount, in chunks."""
+    return _stream(engine, WINDOW_EMAILS, {"start": start, "end": end}, chunk_rows)
+
+
+def stream_related_emails(
+    engine: Engine, start: datetime, end: datetime, senders: Sequence[str], min_received: datetime, chunk_rows: int = 50_000
+) -> Iterator[pd.DataFrame]:
+    """Synced emails outside the window that may be newer for a window email's creditor (same
+    sender, received after the oldest window email) or that answer inside the window."""
+    params = {"start": start, "end": end, "emails": list(senders), "min_received": min_received}
+    return _stream(engine, RELATED_EMAILS, params, chunk_rows)
 
 
 # --- outbox -------------------------------------------------------------------------------------
