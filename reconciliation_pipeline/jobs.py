@@ -3,14 +3,12 @@
 import dagster as dg
 
 from reconciliation_pipeline.assets import reconciliation_report
-from reconciliation_pipeline.partitions import hourly_partitions
 
 MONGO_WRITER_TAG = "reconciliation/mongo-writer"
 
 reconciliation_job = dg.define_asset_job(
     "reconciliation_job",
     selection=dg.AssetSelection.assets(reconciliation_report).without_checks() | dg.AssetSelection.checks_for_assets(reconciliation_report),
-    partitions_def=hourly_partitions,
     description="Reconcile one hour: outbox retry, extract, diff, repair, cleanup, report.",
     tags={
         MONGO_WRITER_TAG: "1",  # dagster.yaml limits runs with this tag to one at a time

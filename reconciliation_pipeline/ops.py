@@ -23,19 +23,33 @@ def _partition_window(context: dg.OpExecutionContext) -> dg.TimeWindow:
         return hourly_partitions.time_window_for_partition_key(context.partition_key)
 
 
+LOOKBACK_TAG = "reconciliation/lookback_hours"
+
+
+def _lookback_hours(context: dg.OpExecutionContext, settings: ReconciliationSettings) -> int:
+    """settings.lookback_hours, or the run tag that `dagster job backfill --tags` can carry."""
+    tag = context.run.tags.get(LOOKBACK_TAG) if context.run else None
+    if tag is None:
+        return settings.lookback_hours
+    if not tag.isdigit() or not 1 <= int(tag) <= 24 * 366:
+        raise dg.Failure(f"run tag {LOOKBACK_TAG}={tag!r} is not a whole number of hours between 1 and 8784")
+    return int(tag)
+
+
 @dg.op
 def open_report(context: dg.OpExecutionContext, postgres: PostgresResource, settings: ReconciliationSettings) -> steps.RunContext:
     """Create the run's reconciliation_reports row (status running) for the partition's window."""
     if not context.has_partition_key:
         raise dg.Failure("reconciliation_report is hourly-partitioned: launch it for a partition (e.g. --partition 2026-11-28-10:00)")
-    start, end = steps.window_for(_partition_window(context).end, settings.lookback_hours)
+    lookback = _lookback_hours(context, settings)
+    start, end = steps.window_for(_partition_window(context).end, lookback)
     with postgres.get_engine() as engine:
         closed = close_stale_reports(engine, context.instance, context.log)
         report_id = pg.open_report(engine, context.run_id, context.partition_key, start, end, settings.dry_run)
     faults.checkpoint("after_report_created")
     context.log.info(
         f"report {report_id}: partition {context.partition_key}, window [{start.isoformat()}, {end.isoformat()}), "
-        f"dry_run={settings.dry_run}, stale reports closed: {closed}"
+        f"lookback {lookback} h, dry_run={settings.dry_run}, stale reports closed: {closed}"
     )
     return steps.RunContext(report_id, context.run_id, context.partition_key, start, end, settings.dry_run)
 

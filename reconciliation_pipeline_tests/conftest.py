@@ -111,12 +111,12 @@ def reconcile(resources: dict[str, Any]):
 
     instance = dg.DagsterInstance.ephemeral()
 
-    def run(partition: str = PARTITION, raise_on_error: bool = True, **settings: Any) -> dg.ExecuteInJobResult:
+    def run(partition: str = PARTITION, raise_on_error: bool = True, tags: dict[str, str] | None = None, **settings: Any) -> dg.ExecuteInJobResult:
         res = dict(resources)
         res["settings"] = ReconciliationSettings(**{"repair_lock_wait_seconds": 5, **settings})
         return dg.materialize(
             [reconciliation_report], partition_key=partition, resources=res, instance=instance,
-            raise_on_error=raise_on_error,
+            raise_on_error=raise_on_error, tags=tags,
         )
 
     run.instance = instance  # type: ignore[attr-defined]

@@ -236,3 +236,14 @@ def test_strings_with_operators_and_nul_are_plain_values(pg, mongo_db, reconcile
     assert reconcile().success
     assert amounts(mongo_db, "$where") == [100.0]
     assert amounts(mongo_db) == [1.0]
+
+
+def test_lookback_tag_overrides_the_setting_for_backfills(pg, mongo_db, reconcile):
+    add_client(mongo_db, "542900", [creditor(SPARKASSE, 1.0)])
+    add_email(pg, from_email=SPARKASSE, extracted=reply(amount=100), received_at=WINDOW_END - timedelta(minutes=90))
+    assert reconcile(tags={"reconciliation/lookback_hours": "1"}).success
+    [report] = reports(pg)
+    assert report["window_start"] == WINDOW_END - timedelta(hours=1) and report["records_checked"] == 0
+    assert amounts(mongo_db) == [1.0]
+    bad = reconcile(tags={"reconciliation/lookback_hours": "-3"}, raise_on_error=False)
+    assert not bad.success
