@@ -16,7 +16,10 @@ reconciliation_job = dg.define_asset_job(
         "dagster/max_retries": "1",  # run retries (daemon) for crashed runs; re-running converges
         "dagster/retry_strategy": "FROM_FAILURE",
     },
-    executor_def=dg.in_process_executor,
+    # One process by default (starting a process per op costs seconds); a run that shards the MongoDB
+    # extract sets `execution: {config: {multiprocess: {max_concurrent: N}}}` to run shards in parallel.
+    executor_def=dg.multi_or_in_process_executor,
+    config={"execution": {"config": {"in_process": {}}}},
 )
 
 reconciliation_hourly_schedule = dg.build_schedule_from_partitioned_job(

@@ -28,7 +28,7 @@ LOOKBACK_TAG = "reconciliation/lookback_hours"
 
 def _lookback_hours(context: dg.OpExecutionContext, settings: ReconciliationSettings) -> int:
     """settings.lookback_hours, or the run tag that `dagster job backfill --tags` can carry."""
-    tag = context.run.tags.get(LOOKBACK_TAG) if context.run else None
+    tag = context.get_tag(LOOKBACK_TAG)
     if tag is None:
         return settings.lookback_hours
     if not tag.isdigit() or not 1 <= int(tag) <= 24 * 366:
@@ -78,17 +78,37 @@ def extract_postgres(
         return steps.extract_postgres(engine, run, context.log)
 
 
+@dg.op(out=dg.DynamicOut(steps.MongoShard))
+def plan_mongo_shards(context: dg.OpExecutionContext, emails: pd.DataFrame, settings: ReconciliationSettings):
+    """Split the window's MongoDB lookups into `settings.mongo_shards` slices read by parallel ops."""
+    for shard in steps.plan_mongo_shards(emails, settings.mongo_shards):
+        context.log.info(f"shard {shard.index}: {len(shard.aktenzeichen)} aktenzeichen, {len(shard.last_names)} last names")
+        yield dg.DynamicOutput(shard, mapping_key=f"shard_{shard.index}")
+
+
 @dg.op(retry_policy=READ_RETRY)
 def extract_mongo(
-    context: dg.OpExecutionContext, run: steps.RunContext, emails: pd.DataFrame, mongo: MongoResource,
+    context: dg.OpExecutionContext, run: steps.RunContext, shard: steps.MongoShard, mongo: MongoResource,
     settings: ReconciliationSettings,
 ) -> steps.MongoExtract:
-    """Read the client documents the window refers to from MongoDB, projected to compared fields."""
+    """Read one shard's client documents from MongoDB in batches, projected to compared fields."""
     if not mongo.is_available():
         context.log.warning("extract mongo: MongoDB unreachable; comparison and repair skipped")
         return steps.MongoExtract(available=False, error="MongoDB unreachable")
     with mongo.get_clients_collection() as collection:
-        return steps.extract_mongo(collection, emails, run, settings.mongo_batch_size, context.log)
+        extract = steps.extract_mongo_shard(collection, shard, run, settings.mongo_batch_size, context.log)
+    if extract.available:
+        context.log.info(f"extract mongo shard {shard.index}: {len(extract.clients)} documents, {len(extract.elements)} creditor elements")
+    return extract
+
+
+@dg.op
+def merge_mongo_extracts(context: dg.OpExecutionContext, extracts: list) -> steps.MongoExtract:
+    """Combine the shards' MongoDB extracts (a document found twice counts once)."""
+    merged = steps.merge_mongo_extracts(extracts)
+    if merged.available:
+        context.log.info(f"extract mongo: {len(merged.clients)} client documents, {len(merged.elements)} creditor elements")
+    return merged
 
 
 @dg.op

@@ -92,5 +92,6 @@ class ReconciliationSettings(dg.ConfigurableResource):
     outbox_batch_size: int = Field(default=200, ge=1, description="Outbox messages claimed per transaction")
     cleanup_batch_size: int = Field(default=10_000, ge=1, description="Rows deleted per cleanup transaction")
     mongo_batch_size: int = Field(default=500, ge=1, description="Documents per MongoDB read or bulk write")
+    mongo_shards: int = Field(default=1, ge=1, le=64, description="Parallel MongoDB extract ops (hash slices of the keys); parallel with the multiprocess executor")
     repair_lock_wait_seconds: int = Field(default=300, ge=0, description="How long to wait for another run's MongoDB writes")
     findings_in_details: int = Field(default=200, ge=0, description="Findings kept in the report row's details (all go to the audit table)")

@@ -6,6 +6,7 @@ The ops in `ops.py` are thin wrappers that pass resources, the partition window 
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -281,25 +282,64 @@ class MongoExtract:
     error: str | None = None
 
 
-def extract_mongo(collection: Collection, emails: pd.DataFrame, ctx: RunContext, batch_size: int, log: Logger) -> MongoExtract:
-    """Client documents the window's emails refer to, plus those with creditor answers in the window."""
+@dataclass(frozen=True)
+class MongoShard:
+    """The lookup keys one extract op reads from MongoDB (a hash slice of the window's keys)."""
+
+    index: int
+    count: int
+    aktenzeichen: tuple[str, ...]
+    last_names: tuple[str, ...]
+
+
+def _slot(value: str, count: int) -> int:
+    return zlib.crc32(value.encode("utf-8", "surrogatepass")) % count
+
+
+def plan_mongo_shards(emails: pd.DataFrame, count: int) -> list[MongoShard]:
+    """Split the window's MongoDB lookup keys into `count` slices by a stable hash."""
     window = emails[emails["in_window"]]
-    parts: list[tuple[pd.DataFrame, pd.DataFrame]] = []
+    az = sorted(set(emails["az_key"].dropna()))
+    names = last_name_variants(window.loc[window["az_key"].isna(), "client_name"])
+    return [
+        MongoShard(i, count, tuple(a for a in az if _slot(a, count) == i), tuple(n for n in names if _slot(n.casefold(), count) == i))
+        for i in range(count)
+    ]
+
+
+def extract_mongo_shard(collection: Collection, shard: MongoShard, ctx: RunContext, batch_size: int, log: Logger) -> MongoExtract:
+    """The client documents of one shard's keys; shard 0 also reads those answered in the window."""
     try:
         batches = mongo_store.iter_client_batches(
-            collection, emails["az_key"].dropna(), last_name_variants(window.loc[window["az_key"].isna(), "client_name"]),
-            batch_size, _progress(log, "extract mongo"),
+            collection, shard.aktenzeichen, shard.last_names, batch_size, _progress(log, f"extract mongo shard {shard.index}")
         )
         parts = [prepare_clients(batch) for batch in batches]  # documents become narrow frames per batch
-        parts.append(prepare_clients(mongo_store.fetch_answered_in_window(collection, ctx.window_start, ctx.window_end)))
+        if shard.index == 0:
+            parts.append(prepare_clients(mongo_store.fetch_answered_in_window(collection, ctx.window_start, ctx.window_end)))
     except ConnectionFailure as exc:
         log.warning(f"extract mongo: MongoDB unreachable ({type(exc).__name__}); comparison skipped")
         return MongoExtract(available=False, error=f"MongoDB unreachable: {type(exc).__name__}")
-    clients = pd.concat([c for c, _ in parts], ignore_index=True).drop_duplicates("client_id", ignore_index=True)
-    elements = pd.concat([e for _, e in parts], ignore_index=True)
+    return merge_mongo_extracts([MongoExtract(True, c, e) for c, e in parts] or [MongoExtract(True, *prepare_clients([]))])
+
+
+def merge_mongo_extracts(extracts: list[MongoExtract]) -> MongoExtract:
+    """One extract from several (a document found by aktenzeichen and by name counts once)."""
+    down = [e for e in extracts if not e.available]
+    if down:
+        return down[0]
+    clients = pd.concat([e.clients for e in extracts], ignore_index=True).drop_duplicates("client_id", ignore_index=True)
+    elements = pd.concat([e.elements for e in extracts], ignore_index=True)
     elements = elements[~elements.duplicated(["client_id", "pos"])].reset_index(drop=True)
-    log.info(f"extract mongo: {len(clients)} client documents, {len(elements)} creditor elements")
     return MongoExtract(available=True, clients=clients, elements=elements)
+
+
+def extract_mongo(collection: Collection, emails: pd.DataFrame, ctx: RunContext, batch_size: int, log: Logger) -> MongoExtract:
+    """Client documents the window's emails refer to, plus those with creditor answers in the window."""
+    [shard] = plan_mongo_shards(emails, 1)
+    extract = extract_mongo_shard(collection, shard, ctx, batch_size, log)
+    if extract.available:
+        log.info(f"extract mongo: {len(extract.clients)} client documents, {len(extract.elements)} creditor elements")
+    return extract
 
 
 # --- 3. diff --------------------------------------------------------------------------------------

@@ -42,7 +42,9 @@ def test_extract_diff_and_report_ops(resources, pg, mongo_db):
     outbox = steps.OutboxResult()
     emails = ops.extract_postgres(ctx, run, outbox)
     assert isinstance(emails, pd.DataFrame) and emails["in_window"].sum() == 1
-    extract = ops.extract_mongo(ctx, run, emails)
+    [shard] = [o.value for o in ops.plan_mongo_shards(ctx, emails)]
+    assert shard.aktenzeichen == ("542900",)
+    extract = ops.merge_mongo_extracts(ctx, [ops.extract_mongo(ctx, run, shard)])
     assert extract.available and len(extract.clients) == 1
     diff = ops.diff_amounts(ctx, run, emails, extract)
     assert list(diff.findings["kind"]) == ["data_mismatch"] and diff.records_checked == 1

@@ -247,3 +247,15 @@ def test_lookback_tag_overrides_the_setting_for_backfills(pg, mongo_db, reconcil
     assert amounts(mongo_db) == [1.0]
     bad = reconcile(tags={"reconciliation/lookback_hours": "-3"}, raise_on_error=False)
     assert not bad.success
+
+
+def test_sharded_mongo_extract_gives_the_same_findings(pg, mongo_db, reconcile):
+    for i in range(6):
+        add_client(mongo_db, f"54290{i}", [creditor(SPARKASSE, 1.0)], last=f"Name{i}")
+        add_email(pg, from_email=SPARKASSE, extracted=reply(az=f"54290{i}", name=None, amount=100 + i))
+    add_email(pg, from_email=SPARKASSE, extracted=reply(az=None, name="Name3, Max", amount=7))  # by name: ambiguous? no, one doc
+    assert reconcile(dry_run=True).success
+    assert reconcile(dry_run=True, mongo_shards=3).success
+    first, second = ([f for f in findings(pg) if f["report_id"] == r["id"]] for r in reports(pg))
+    key = lambda f: (f["kind"], f["email_id"], f["client_aktenzeichen"], f["pg_amount_cents"], f["mongo_amount_cents_before"])  # noqa: E731
+    assert sorted(map(key, first)) == sorted(map(key, second)) and len(first) == 6
