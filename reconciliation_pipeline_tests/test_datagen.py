@@ -1,0 +1,108 @@
+"""The synthetic data generator produces what it claims, and the real pipeline steps find the planted drift."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from reconciliation_pipeline import steps
+from reconciliation_pipeline.store import postgres as pg_store
+from reconciliation_pipeline_tests import datagen
+from reconciliation_pipeline_tests.builders import WINDOW_END
+
+LOG = logging.getLogger("test_datagen")
+
+
+@pytest.fixture
+def generated(pg, mongo_db):
+    info = datagen.generate(
+        pg, mongo_db, emails=2_000, clients=200, creditors_per_client=10, drift=0.05, outbox=40, keys=20,
+        window_end=WINDOW_END, seed=7, name_only=0.01,
+    )
+    return info
+
+
+def _scalar(engine: sa.Engine, sql: str) -> int:
+    with engine.connect() as conn:
+        return conn.execute(sa.text(sql)).scalar_one()
+
+
+def test_counts_and_shape(pg, mongo_db, generated):
+    info = generated
+    assert info["emails"] == 2_000 and _scalar(pg, "SELECT count(*) FROM incoming_emails") == 2_000
+    assert _scalar(pg, "SELECT max(id) FROM incoming_emails") == 2_000
+    assert mongo_db.clients.count_documents({}) == 200
+    assert info["creditor_elements"] == 2_000
+    assert all(n > 0 for n in info["planted"].values()), info["planted"]
+    assert info["emails_name_only"] > 0 and info["pairs_with_several_emails"] > 0
+    assert set(info["match_levels"]) == {"1", "2", "3"}
+    # every email lies in [window_end - 48h, window_end), created at or after it was received
+    start, end = WINDOW_END - timedelta(hours=48), WINDOW_END
+    with pg.connect() as conn:
+        lo_c, hi_c, lo_r, hi_r, bad = conn.execute(sa.text(
+            "SELECT min(created_at), max(created_at), min(received_at), max(received_at), "
+            "count(*) FILTER (WHERE created_at < received_at) FROM incoming_emails"
+        )).one()
+        statuses = dict(conn.execute(sa.text("SELECT sync_status, count(*) FROM incoming_emails GROUP BY 1")).all())
+        number_amounts = conn.execute(sa.text(
+            "SELECT count(*) FILTER (WHERE json_typeof(extracted_data->'debt_amount') = 'number'), "
+            "count(*) FILTER (WHERE json_typeof(extracted_data->'debt_amount') = 'string') FROM incoming_emails"
+        )).one()
+        outbox = conn.execute(sa.text(
+            "SELECT count(*) FILTER (WHERE processed_at IS NULL), count(*) FILTER (WHERE processed_at IS NOT NULL) "
+            "FROM outbox_messages"
+        )).one()
+        expired = conn.execute(sa.text("SELECT count(*) FILTER (WHERE expires_at < now()), count(*) FROM idempotency_keys")).one()
+    assert start <= lo_c and hi_c < end and start <= lo_r and hi_r < end and bad == 0
+    assert statuses["pending"] >= info["outbox_deliverable"] and statuses["synced"] > 1_800
+    assert number_amounts[0] > number_amounts[1] > 0
+    assert tuple(outbox) == (info["outbox_pending"], info["outbox_processed_old"])
+    assert tuple(expired) == (10, 20)
+    doc = mongo_db.clients.find_one({"aktenzeichen": "100000"})
+    assert {"aktenzeichen", "firstName", "lastName", "final_creditor_list"} <= set(doc)
+    assert len(doc["final_creditor_list"]) == 10
+    answered = [e for e in doc["final_creditor_list"] if e.get("amount_source") == "creditor_response"]
+    assert all(isinstance(e["creditor_response_amount"], (float, type(None), str)) for e in answered)
+    assert len({e["sender_email"] for e in doc["final_creditor_list"]}) == 10
+
+
+def test_pipeline_steps_find_exactly_the_planted_drift(pg, mongo_db, generated):
+    info = generated
+    start, end = info["window_start"], info["window_end"]
+    report_id = pg_store.open_report(pg, "datagen-test", None, start, end, False)
+    ctx = steps.RunContext(report_id, "datagen-test", None, start, end, False)
+
+    @contextmanager
+    def collection():
+        yield mongo_db.clients
+
+    outbox = steps.retry_outbox(pg, collection, True, ctx, 200, 500, LOG)
+    assert outbox.succeeded == info["outbox_deliverable"]
+    assert outbox.became_dead == info["outbox_poison"]
+    assert outbox.failed == info["outbox_poison"] + info["outbox_undeliverable"]
+
+    emails = steps.extract_postgres(pg, ctx, LOG)
+    assert int(emails["in_window"].sum()) == info["emails_regular"]
+    mongo = steps.extract_mongo(mongo_db.clients, emails, ctx, 500, LOG)
+    assert len(mongo.clients) == info["clients"]
+    found = steps.diff(emails, mongo, ctx, 0, False, LOG)
+    kinds = found.findings["kind"].value_counts().to_dict()
+    assert kinds == {k: n for k, n in info["planted"].items() if n}
+    assert found.records_checked == info["expected_records_checked"]
+
+    repaired = steps.repair(pg, collection, found, ctx, 10_000, 5, 500, LOG)
+    actions = repaired.findings.loc[repaired.findings["repairable"], "action"].value_counts().to_dict()
+    assert actions == {"repaired": info["expected_repairs"]}
+    pg_store.insert_findings(pg, steps.audit_rows(ctx, repaired.findings))
+    cleaned = steps.cleanup(pg, 30, 10_000, LOG)
+    assert cleaned == {"expired_keys_deleted": info["keys_expired"], "old_outbox_deleted": info["outbox_processed_old"]}
+
+    # a second pass finds only what is never repaired automatically
+    again = steps.diff(steps.extract_postgres(pg, ctx, LOG), steps.extract_mongo(mongo_db.clients, emails, ctx, 500, LOG), ctx, 0, False, LOG)
+    left = again.findings["kind"].value_counts().to_dict()
+    assert left == {k: n for k, n in info["planted"].items() if n and k not in datagen.REPAIRABLE}
+    assert not again.findings["repairable"].any()
