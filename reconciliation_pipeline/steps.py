@@ -21,7 +21,7 @@ from reconciliation_pipeline import faults
 from reconciliation_pipeline.core import diff as core_diff
 from reconciliation_pipeline.core import repair as core_repair
 from reconciliation_pipeline.core.frames import add_email_keys, prepare_clients, prepare_emails
-from reconciliation_pipeline.core.keys import last_name_variants
+from reconciliation_pipeline.core.keys import last_name_patterns
 from reconciliation_pipeline.core.outbox import DeliveryRequest, parse_payload
 from reconciliation_pipeline.store import mongo as mongo_store
 from reconciliation_pipeline.store import postgres as pg
@@ -98,7 +98,7 @@ def _deliver_batch(
     """Match each message to its client's creditor and write them with the shared CAS writer."""
     frame = _request_frame(messages, requests)
     docs = mongo_store.fetch_clients(
-        collection, frame["az_key"].dropna(), last_name_variants(frame["client_name"]), batch_size
+        collection, frame["az_key"].dropna(), last_name_patterns(frame["client_name"]), batch_size
     )
     clients, elements = prepare_clients(docs)
     matched = core_diff.match(frame.assign(in_window=True), clients, elements)[0].set_index("email_id")
@@ -300,7 +300,7 @@ def plan_mongo_shards(emails: pd.DataFrame, count: int) -> list[MongoShard]:
     """Split the window's MongoDB lookup keys into `count` slices by a stable hash."""
     window = emails[emails["in_window"]]
     az = sorted(set(emails["az_key"].dropna()))
-    names = last_name_variants(window.loc[window["az_key"].isna(), "client_name"])
+    names = last_name_patterns(window.loc[window["az_key"].isna(), "client_name"])
     return [
         MongoShard(i, count, tuple(a for a in az if _slot(a, count) == i), tuple(n for n in names if _slot(n.casefold(), count) == i))
         for i in range(count)

@@ -259,3 +259,12 @@ def test_sharded_mongo_extract_gives_the_same_findings(pg, mongo_db, reconcile):
     first, second = ([f for f in findings(pg) if f["report_id"] == r["id"]] for r in reports(pg))
     key = lambda f: (f["kind"], f["email_id"], f["client_aktenzeichen"], f["pg_amount_cents"], f["mongo_amount_cents_before"])  # noqa: E731
     assert sorted(map(key, first)) == sorted(map(key, second)) and len(first) == 6
+
+
+@pytest.mark.parametrize("client_name", ["MCDONALD, Max", "max mcdonald", "Max   McDonald"])
+def test_client_found_by_name_ignoring_case_through_the_wire_server(pg, mongo_db, reconcile, client_name):
+    add_client(mongo_db, "542900", [creditor(SPARKASSE, 1.0)], first="Max", last="McDonald")
+    add_client(mongo_db, "542901", [creditor(SPARKASSE, 1.0)], first="Max", last="McDonaldson")
+    add_email(pg, from_email=SPARKASSE, extracted=reply(az=None, name=client_name, amount=100))
+    assert reconcile().success
+    assert amounts(mongo_db) == [100.0] and amounts(mongo_db, "542901") == [1.0]

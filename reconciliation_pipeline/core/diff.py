@@ -210,7 +210,7 @@ def diff(emails: pd.DataFrame, clients: pd.DataFrame, elements: pd.DataFrame, op
     parts += [compared, extra]
     findings = pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else pd.DataFrame()
     findings = findings.reindex(columns=FINDING_COLUMNS + ["amount_cents", "mongo_cents"])
-    findings["pg_amount_cents"] = findings["pg_amount_cents"].fillna(findings["amount_cents"]).astype("Int64")
+    findings["pg_amount_cents"] = findings["pg_amount_cents"].astype("Int64").fillna(findings["amount_cents"].astype("Int64"))
     findings["mongo_amount_cents"] = findings["mongo_cents"].astype("Int64")
     findings["email_id"] = findings["email_id"].astype("Int64")
     findings["pos"] = findings["pos"].astype("Int64")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 
 import pandas as pd
 
-_WORD = re.compile(r"[^\W_]{4,}")  # "longer than 3 letters"
+_WORD = re.compile(r"[^\W\d_]{4,}")  # "longer than 3 letters": letters only, no digits
 _MAX_KEY_TEXT = 500
 
 
@@ -65,21 +66,34 @@ def client_name_key(names: pd.Series) -> pd.Series:
     return text_key(s)
 
 
-def last_name_variants(names: pd.Series) -> list[str]:
-    """Spellings of the last names in client_name values, to fetch candidates with `$in`.
+def _last_name_tails(name: str) -> list[str]:
+    if "," in name:
+        return [name.split(",", 1)[0]]
+    words = name.split()
+    # "First Last": the last name may have several words ("Anna von Müller")
+    return [" ".join(words[-k:]) for k in range(1, max(1, min(3, len(words) - 1)) + 1)]
 
-    MongoDB equality is case-sensitive, so the query asks for the usual capitalisations and the
-    exact casefolded comparison happens afterwards in pandas.
+
+def last_name_patterns(names: pd.Series) -> list[str]:
+    """Anchored, escaped regular expressions for the lastName of every client a client_name may mean.
+
+    Used with `$options: "i"` to fetch candidates; the exact casefold/NFC comparison happens
+    afterwards in pandas. Both Unicode normal forms are asked for, and "ss" also as "ß" (and back),
+    because casefold equates them and a case-insensitive regex does not.
     """
-    s = _plain_strings(names).dropna()
-    comma = s.str.contains(",", regex=False)
-    last = s.where(~comma, s.str.split(",", n=1).str[0]).where(comma, s.str.split().str[-1])
-    last = last.str.strip().dropna()
-    last = last[last.str.len() > 0]
-    variants: set[str] = set()
-    for fn in (lambda x: x, str.lower, str.upper, str.title, str.capitalize):
-        variants.update(fn(v) for v in last.unique())
-    return sorted(variants)
+    patterns: set[str] = set()
+    for name in _plain_strings(names).dropna().unique():
+        for tail in _last_name_tails(name):
+            words = tail.split()
+            if not words:
+                continue
+            given = " ".join(words)
+            base = given.lower()  # the regex ignores case; `given` stays for letters like "İ" that lower() expands
+            spellings = {given, base, base.casefold().replace("ss", "ß"), base.replace("ß", "ss")}
+            forms = {unicodedata.normalize(form, sp) for sp in spellings for form in ("NFC", "NFD")} | spellings
+            for spelling in forms:
+                patterns.add("^\\s*" + "\\s+".join(re.escape(p) for p in spelling.split()) + "\\s*$")
+    return sorted(patterns)
 
 
 def name_words(values: pd.Series) -> pd.Series:

@@ -37,31 +37,28 @@ def _plain_strings(values: Iterable[Any]) -> list[str]:
 def iter_client_batches(
     collection: Collection,
     aktenzeichen: Iterable[Any],
-    last_names: Iterable[Any],
+    last_name_patterns: Iterable[str],
     batch_size: int,
     progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[list[dict]]:
-    """Client documents by aktenzeichen or last name, one `$in` query per batch of keys, projected
-    to the compared fields. A document may come in more than one batch (by aktenzeichen and name)."""
-    queries = [("aktenzeichen", v) for v in _plain_strings(aktenzeichen)] + [
-        ("lastName", v) for v in _plain_strings(last_names)
+    """Client documents by aktenzeichen (`$in`) or by last name (anchored, escaped, case-insensitive
+    `$regex` from keys.last_name_patterns), one query per batch of keys, projected to the compared
+    fields. A document may come in more than one batch (by aktenzeichen and by name)."""
+    queries: list[dict] = [{"aktenzeichen": {"$in": list(chunk)}} for chunk in _chunks(_plain_strings(aktenzeichen), batch_size)]
+    patterns = _plain_strings(last_name_patterns)
+    queries += [
+        {"$or": [{"lastName": {"$regex": p, "$options": "i"}} for p in chunk]} for chunk in _chunks(patterns, max(1, batch_size // 10))
     ]
-    total = (len(queries) + batch_size - 1) // batch_size
-    for done, chunk in enumerate(_chunks(queries, batch_size), start=1):
-        by_field: dict[str, list[str]] = {}
-        for name, value in chunk:
-            by_field.setdefault(name, []).append(value)
-        clauses = [{name: {"$in": values}} for name, values in by_field.items()]
-        query = clauses[0] if len(clauses) == 1 else {"$or": clauses}
+    for done, query in enumerate(queries, start=1):
         yield list(collection.find(query, COMPARED_FIELDS, batch_size=1000))
         if progress:
-            progress(done, total)
+            progress(done, len(queries))
 
 
-def fetch_clients(collection: Collection, aktenzeichen: Iterable[Any], last_names: Iterable[Any], batch_size: int) -> list[dict]:
+def fetch_clients(collection: Collection, aktenzeichen: Iterable[Any], last_name_patterns: Iterable[str], batch_size: int) -> list[dict]:
     """All client documents for the keys (small sets: outbox batches), without duplicates."""
     docs: dict[Any, dict] = {}
-    for batch in iter_client_batches(collection, aktenzeichen, last_names, batch_size):
+    for batch in iter_client_batches(collection, aktenzeichen, last_name_patterns, batch_size):
         docs.update((d["_id"], d) for d in batch)
     return list(docs.values())
 
