@@ -8,6 +8,8 @@ from datetime import datetime
 import numpy as np
 import pandas as pd
 
+from reconciliation_pipeline.core import keys
+
 # Kinds of finding (RULES.md section 3) plus the outbox audit kind.
 DATA_MISMATCH = "data_mismatch"
 MISSING_IN_MONGO = "missing_in_mongo"
@@ -46,12 +48,15 @@ class DiffOptions:
 def match_clients(emails: pd.DataFrame, clients: pd.DataFrame) -> pd.DataFrame:
     """Per email: client_status (matched, not_found, ambiguous), client_id, client_reason.
 
-    Aktenzeichen first; only emails without an aktenzeichen candidate fall back to the name.
+    Aktenzeichen first; only emails without an aktenzeichen candidate fall back to the name (whose
+    key is built for those emails only).
     """
-    base = emails[["email_id", "az_key", "az_reason", "name_key"]]
+    base = emails[["email_id", "az_key", "az_reason"]]
     by_az = base.dropna(subset=["az_key"]).merge(clients[["client_id", "az_key"]], on="az_key")
-    no_az = ~base["email_id"].isin(by_az["email_id"]) & base["az_reason"].isna()
-    by_name = base[no_az].dropna(subset=["name_key"]).merge(clients[["client_id", "name_key"]], on="name_key")
+    no_az = (~base["email_id"].isin(by_az["email_id"]) & base["az_reason"].isna()).to_numpy(bool)
+    named = emails.loc[no_az, ["email_id", "client_name"]]
+    named = named.assign(name_key=keys.client_name_key(named["client_name"].astype(object))).dropna(subset=["name_key"])
+    by_name = named.merge(clients[["client_id", "name_key"]].dropna(subset=["name_key"]), on="name_key")
     candidates = pd.concat([by_az[["email_id", "client_id"]], by_name[["email_id", "client_id"]]])
     counts = candidates.groupby("email_id")["client_id"].agg(["count", "first"])
 
@@ -60,7 +65,9 @@ def match_clients(emails: pd.DataFrame, clients: pd.DataFrame) -> pd.DataFrame:
     out["client_id"] = out["email_id"].map(counts["first"]).astype(object).where(out["n"] == 1)
     out["client_status"] = np.select([out["n"] == 1, out["n"] > 1], ["matched", "ambiguous"], "not_found")
     reason = base["az_reason"].astype(object)
-    has_key = base["az_key"].notna() | base["name_key"].notna()
+    has_name = pd.Series(False, index=base.index)
+    has_name.loc[named.index] = True
+    has_key = base["az_key"].notna() | has_name
     reason = reason.mask(reason.isna() & ~has_key, "no client_aktenzeichen or client_name")
     reason = reason.mask(reason.isna() & (out["n"] == 0), "no client document with this aktenzeichen or name")
     reason = reason.mask(out["n"] > 1, out["n"].astype(str) + " client documents match")
@@ -74,34 +81,51 @@ def _shares_word(left: pd.Series, right: pd.Series) -> np.ndarray:
     return np.fromiter((bool(a & b) for a, b in zip(left, right)), dtype=bool, count=len(left))
 
 
+def _creditor_candidates(emails: pd.DataFrame, elements: pd.DataFrame) -> pd.DataFrame:
+    """(email_id, client_id, pos, level) at each email's first level with candidates.
+
+    Level 1 and 2 are equi-joins; only the emails left without a candidate are paired with every
+    creditor of their client for the word-based levels 3 and 4.
+    """
+    el = elements[["client_id", "pos", "sender_email_key"]]
+    l1 = emails[["email_id", "client_id", "from_email_key"]].dropna(subset=["from_email_key"]).merge(
+        el.dropna(subset=["sender_email_key"]), left_on=["client_id", "from_email_key"], right_on=["client_id", "sender_email_key"]
+    )[["email_id", "client_id", "pos"]].assign(level=1)
+    rest = emails[~emails["email_id"].isin(l1["email_id"])]
+    rest = rest.assign(creditor_name_key=keys.text_key(rest["creditor_name"].astype(object)))
+    needed = elements[elements["client_id"].isin(rest["client_id"])]
+    needed = needed.assign(sender_name_key=keys.text_key(needed["observed_sender_name"].astype(object)))
+    l2 = rest[["email_id", "client_id", "creditor_name_key"]].dropna(subset=["creditor_name_key"]).merge(
+        needed[["client_id", "pos", "sender_name_key"]].dropna(subset=["sender_name_key"]),
+        left_on=["client_id", "creditor_name_key"], right_on=["client_id", "sender_name_key"],
+    )[["email_id", "client_id", "pos"]].assign(level=2)
+    rest = rest[~rest["email_id"].isin(l2["email_id"])]
+    cand = rest[["email_id", "client_id", "from_email_key", "creditor_name"]].merge(
+        needed[["client_id", "pos", "sender_email_key", "observed_sender_name"]], on="client_id"
+    )
+    words = keys.name_words(cand["creditor_name"].astype(object))
+    sender_words = keys.name_words(cand["observed_sender_name"].astype(object))
+    shared = _shares_word(words, sender_words)
+    same_domain = (keys.email_domain(cand["from_email_key"]) == keys.email_domain(cand["sender_email_key"])).fillna(False).to_numpy(bool)
+    cand = cand.assign(level=np.select([shared & same_domain, shared], [3, 4], 0))[["email_id", "client_id", "pos", "level"]]
+    cand = cand[cand["level"] > 0]
+    cand = cand[cand["level"] == cand.groupby("email_id")["level"].transform("min")]
+    return pd.concat([l1, l2, cand], ignore_index=True).astype({"client_id": object, "pos": "Int64", "level": "int64"})
+
+
 def match_creditors(emails: pd.DataFrame, elements: pd.DataFrame) -> pd.DataFrame:
     """Per email with a matched client: creditor_status, pos and match_level (1..4).
 
     Level 1 e-mail, 2 name, 3 domain + shared word, 4 shared word only; the first level with
     candidates wins and several candidates there make the creditor ambiguous.
     """
-    cols = ["email_id", "client_id", "from_email_key", "domain", "creditor_name_key", "creditor_words"]
-    cand = emails[cols].astype({"client_id": object}).merge(
-        elements[["client_id", "pos", "sender_email_key", "sender_domain", "sender_name_key", "sender_words"]],
-        on="client_id",
-    )
-    l1 = (cand["from_email_key"] == cand["sender_email_key"]).fillna(False).to_numpy(bool)
-    l2 = (cand["creditor_name_key"] == cand["sender_name_key"]).fillna(False).to_numpy(bool)
-    strong = pd.Series(l1 | l2, index=cand.index).groupby(cand["email_id"]).transform("any").to_numpy(bool)
-    weak = np.zeros(len(cand), dtype=bool)
-    weak_idx = np.flatnonzero(~strong)
-    weak[weak_idx] = _shares_word(cand["creditor_words"].iloc[weak_idx], cand["sender_words"].iloc[weak_idx])
-    same_domain = (cand["domain"] == cand["sender_domain"]).fillna(False).to_numpy(bool)
-    cand["level"] = np.select([l1, l2, weak & same_domain, weak], [1, 2, 3, 4], 0)
-    cand = cand[cand["level"] > 0]
-    best = cand.groupby("email_id")["level"].transform("min")
-    winners = cand[cand["level"] == best]
+    emails = emails.astype({"client_id": object})
+    winners = _creditor_candidates(emails, elements.astype({"client_id": object}))
     stats = winners.groupby("email_id").agg(n=("pos", "size"), pos=("pos", "first"), level=("level", "first"))
 
     out = emails[["email_id"]].copy()
     out["n"] = out["email_id"].map(stats["n"]).fillna(0).astype(int)
     out["pos"] = out["email_id"].map(stats["pos"]).where(out["n"] == 1).astype("Int64")
-    winners = winners.astype({"client_id": object, "pos": "Int64"})
     out["match_level"] = out["email_id"].map(stats["level"]).astype("Int64")
     out["creditor_status"] = np.select([out["n"] == 1, out["n"] > 1], ["matched", "ambiguous"], "not_found")
     out.attrs["candidates"] = winners[["email_id", "client_id", "pos"]].reset_index(drop=True)
@@ -118,7 +142,8 @@ def match(emails: pd.DataFrame, clients: pd.DataFrame, elements: pd.DataFrame) -
 
     The candidates include those of ambiguous emails: such elements are not unclaimed answers.
     """
-    matched = emails.merge(match_clients(emails, clients), on="email_id", how="left")
+    client_match = match_clients(emails, clients)
+    matched = emails.merge(client_match, on="email_id", how="left")
     found = matched[matched["client_status"] == "matched"]
     creditors = match_creditors(found, elements)
     candidates = creditors.attrs.pop("candidates")
@@ -223,7 +248,7 @@ def diff(emails: pd.DataFrame, clients: pd.DataFrame, elements: pd.DataFrame, op
 def _attach_aktenzeichen(findings: pd.DataFrame, clients: pd.DataFrame) -> pd.DataFrame:
     az = clients.set_index("client_id")["aktenzeichen"]
     az = az[~az.index.duplicated()]
-    findings["aktenzeichen"] = findings["client_id"].map(az).fillna(findings["aktenzeichen"])
+    findings["aktenzeichen"] = findings["client_id"].map(az).astype(object).fillna(findings["aktenzeichen"].astype(object))
     return findings
 
 

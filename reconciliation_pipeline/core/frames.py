@@ -1,20 +1,31 @@
-"""Turn raw extracts (PostgreSQL rows, MongoDB documents) into the narrow frames the diff compares."""
+"""Turn raw extracts (PostgreSQL rows, MongoDB documents) into the narrow frames the diff compares.
+
+Amounts arrive as (JSON type, text) pairs: PostgreSQL extracts them with `json_typeof` and `->>`,
+MongoDB values are described the same way, so one vectorised path turns the common shapes into
+integer cents and only unusual text goes through `amounts.try_cents` one value at a time.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping
 from decimal import Decimal
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from reconciliation_pipeline.core import keys
-from reconciliation_pipeline.core.amounts import try_cents
+from reconciliation_pipeline.core.amounts import MAX_AMOUNT, try_cents
 
 MISSING = "\x00<creditor_response_amount absent>"  # marker for a missing field (distinct from null)
 
 EMAIL_COLUMNS = ["email_id", "from_email", "received_at", "created_at", "in_window", "extracted_json"]
+TYPED_COLUMNS = ["az_type", "az_text", "client_name", "creditor_name", "amount_type", "amount_text"]
+_MAX_CENTS = int(MAX_AMOUNT) * 100
+_NUMBER_TEXT = r"^([0-9]{1,13})(?:\.([0-9]+))?$"  # a JSON number literal without sign or exponent
+_PLAIN_STRING = r"^([0-9]{1,13})(?:\.([0-9]{1,2}))?$"  # a string that every notation reads the same way
 
 
 def _reject_constant(name: str) -> Any:
@@ -32,103 +43,188 @@ def parse_json_object(text: Any) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-def _amount_columns(raw: pd.Series) -> tuple[pd.Series, pd.Series]:
-    """(cents as Int64, reason string) for each raw amount, computed once per distinct value."""
-    cache: dict[tuple[type, Any], tuple[int | None, str | None]] = {}
-    results = []
-    for value in raw:
-        try:
-            key = (type(value), value)
-            hit = cache.get(key)
-        except TypeError:  # unhashable (dict, list): rare, never cached
-            results.append(try_cents(value))
+def json_type_and_text(value: Any) -> tuple[str | None, str | None]:
+    """(json_typeof, ->> text) of a Python value the way PostgreSQL reports a JSON value."""
+    if value is MISSING:
+        return None, None
+    if value is None:
+        return "null", None
+    if isinstance(value, bool):
+        return "boolean", "true" if value else "false"
+    if isinstance(value, (int, Decimal)):
+        return "number", str(value)
+    if isinstance(value, float):
+        return ("number", repr(value)) if math.isfinite(value) else ("invalid", repr(value))
+    if isinstance(value, str):
+        return "string", value
+    if isinstance(value, dict):
+        return "object", None
+    if isinstance(value, list):
+        return "array", None
+    to_decimal = getattr(value, "to_decimal", None)  # bson.Decimal128
+    if callable(to_decimal):
+        return "number", str(to_decimal())
+    return "invalid", None
+
+
+def _typed_from_json(texts: pd.Series) -> pd.DataFrame:
+    """TYPED_COLUMNS from extracted_data text, parsed in Python (tests, and rows PostgreSQL can't split)."""
+    rows = []
+    for text in texts:
+        data = parse_json_object(text)
+        if data is None:
+            rows.append((None, None, None, None, None, None))
             continue
-        if hit is None:
-            hit = cache[key] = try_cents(value)
-        results.append(hit)
-    cents = pd.array([c for c, _ in results], dtype="Int64")
-    reasons = pd.array([r for _, r in results], dtype="string")
-    return pd.Series(cents, index=raw.index), pd.Series(reasons, index=raw.index)
+        az_type, az_text = json_type_and_text(data.get("client_aktenzeichen", MISSING))
+        amount_type, amount_text = json_type_and_text(data.get("debt_amount", MISSING))
+        name, creditor = data.get("client_name"), data.get("creditor_name")
+        rows.append((az_type, az_text, name if isinstance(name, str) else None,
+                     creditor if isinstance(creditor, str) else None, amount_type, amount_text))
+    return pd.DataFrame(rows, columns=TYPED_COLUMNS, index=texts.index, dtype=object)
+
+
+def cents_from_typed(types: pd.Series, texts: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """(cents as Int64, reason) for amounts given as (JSON type, text), vectorised for common shapes.
+
+    Numbers like 1234.56 and strings like "1234.56" take an exact integer path (half-up on the
+    third decimal); everything else goes through amounts.try_cents, once per distinct value.
+    """
+    types = types.astype(object)
+    texts = texts.astype(object)
+    n = len(types)
+    cents = np.zeros(n, dtype=np.int64)
+    valid = np.zeros(n, dtype=bool)
+    reasons = np.full(n, None, dtype=object)
+    is_number = (types == "number").to_numpy(bool)
+    is_string = (types == "string").to_numpy(bool)
+    text = pd.Series(texts, dtype="string")
+    for mask, pattern in ((is_number, _NUMBER_TEXT), (is_string, _PLAIN_STRING)):
+        if not mask.any():
+            continue
+        idx = np.flatnonzero(mask)
+        parts = text.iloc[idx].str.extract(pattern)
+        ok = parts[0].notna().to_numpy(bool)
+        whole = parts[0][ok].astype("int64").to_numpy()
+        frac = parts[1][ok].fillna("").to_numpy(dtype=object)
+        first_two = np.array([int((f + "00")[:2]) for f in frac], dtype=np.int64)
+        round_up = np.array([len(f) > 2 and f[2] >= "5" for f in frac], dtype=bool)
+        value = whole * 100 + first_two + round_up
+        in_range = value <= _MAX_CENTS
+        target = idx[ok]
+        cents[target[in_range]] = value[in_range]
+        valid[target[in_range]] = True
+        reasons[target[~in_range]] = "amount above 10^12"
+    slow = np.flatnonzero((is_number | is_string) & ~valid & pd.isna(reasons))
+    cache: dict[tuple[Any, Any], tuple[int | None, str | None]] = {}
+    for i in slow:
+        key = (types.iat[i], texts.iat[i])
+        if key not in cache:
+            value = texts.iat[i]
+            if key[0] == "number":
+                try:
+                    value = Decimal(value)
+                except ArithmeticError:
+                    cache[key] = (None, "not a number")
+                    continue
+            cache[key] = try_cents(value)
+        c, reason = cache[key]
+        if c is None:
+            reasons[i] = reason
+        else:
+            cents[i], valid[i] = c, True
+    other = ~(is_number | is_string)
+    missing = pd.isna(types).to_numpy(bool)
+    reasons[other & missing] = "no amount"
+    for kind, reason in (("null", "no amount"), ("boolean", "boolean is not an amount"), ("object", "an object is not an amount"),
+                         ("array", "a list is not an amount"), ("invalid", "not a finite number")):
+        reasons[(types == kind).to_numpy(bool)] = reason
+    out = pd.array(np.where(valid, cents, 0), dtype="Int64")
+    out[~valid] = pd.NA
+    return pd.Series(out, index=types.index), pd.Series(reasons, index=types.index, dtype="string")
 
 
 def add_email_keys(raw: pd.DataFrame) -> pd.DataFrame:
-    """Comparison keys from raw columns from_email, client_aktenzeichen, client_name, creditor_name."""
+    """Keys from from_email, client_aktenzeichen (or az_type/az_text), client_name, creditor_name.
+
+    Only the keys every email needs are built here; the name and creditor-name keys are built in
+    the diff for the few emails that need them.
+    """
     out = raw.copy()
     out["from_email_key"] = keys.email_key(raw["from_email"])
-    out["domain"] = keys.email_domain(out["from_email_key"])
-    out["az_key"], out["az_reason"] = keys.aktenzeichen_key(raw["client_aktenzeichen"])
-    out["name_key"] = keys.client_name_key(raw["client_name"])
-    out["creditor_name_key"] = keys.text_key(raw["creditor_name"])
-    out["creditor_words"] = keys.name_words(raw["creditor_name"])
+    if "az_type" in raw:
+        az = raw["az_text"].where(raw["az_type"] == "string")
+        out["az_key"], out["az_reason"] = keys.aktenzeichen_key(az.astype(object))
+        bad_type = raw["az_type"].notna() & ~raw["az_type"].isin(["string", "null"])
+        out["az_reason"] = out["az_reason"].mask(bad_type, "client_aktenzeichen is not a plain string")
+    else:
+        out["az_key"], out["az_reason"] = keys.aktenzeichen_key(raw["client_aktenzeichen"])
+    for column in ("client_name", "creditor_name"):
+        values = raw[column].astype(object)
+        out[column] = values.where(pd.Series([isinstance(v, str) for v in values], index=values.index, dtype=bool))
     return out
 
 
 def prepare_emails(rows: pd.DataFrame) -> pd.DataFrame:
-    """Parse `extracted_data` and add the comparison keys and the amount in cents."""
+    """Typed extracted_data fields (or the JSON text) -> comparison keys and the amount in cents."""
     if rows.empty:
-        rows = pd.DataFrame({c: pd.Series(dtype="object") for c in EMAIL_COLUMNS})
-    data = rows["extracted_json"].map(parse_json_object)
-    field = lambda name: data.map(lambda d: d.get(name) if isinstance(d, dict) else None).astype(object)  # noqa: E731
+        rows = pd.DataFrame({c: pd.Series(dtype="object") for c in EMAIL_COLUMNS + TYPED_COLUMNS})
+    if "az_type" not in rows:
+        typed = _typed_from_json(rows["extracted_json"])
+    else:
+        typed = rows[TYPED_COLUMNS].astype(object)
+        unsafe = rows["extracted_json"].notna() if "extracted_json" in rows else pd.Series(False, index=rows.index)
+        if unsafe.any():  # rows PostgreSQL could not split (a \u0000 escape): parse them here
+            typed.loc[unsafe] = _typed_from_json(rows.loc[unsafe, "extracted_json"])
     raw = pd.DataFrame(
         {
             "email_id": rows["email_id"].astype("int64"),
             "in_window": rows["in_window"].astype(bool),
             "received_at": pd.to_datetime(rows["received_at"], utc=True),
             "from_email": rows["from_email"].astype(object),
-            "client_aktenzeichen": field("client_aktenzeichen"),
-            "client_name": field("client_name"),
-            "creditor_name": field("creditor_name"),
+            "az_type": typed["az_type"],
+            "az_text": typed["az_text"],
+            "client_name": typed["client_name"],
+            "creditor_name": typed["creditor_name"],
         },
         index=rows.index,
     )
-    out = add_email_keys(raw)
-    out["amount_cents"], out["amount_reason"] = _amount_columns(field("debt_amount"))
-    return out.drop(columns=["creditor_name"]).reset_index(drop=True)
-
-
-def _amount_or_missing(element: Mapping) -> Any:
-    return element.get("creditor_response_amount", MISSING) if isinstance(element, Mapping) else MISSING
+    out = add_email_keys(raw).drop(columns=["az_type", "az_text"])
+    out["amount_cents"], out["amount_reason"] = cents_from_typed(typed["amount_type"], typed["amount_text"])
+    return out.reset_index(drop=True)
 
 
 def prepare_clients(documents: Iterable[Mapping]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(clients, creditor elements) frames from MongoDB client documents."""
     docs = list({str(d["_id"]): d for d in documents}.values())
     clients = pd.DataFrame(
-        {
-            "client_id": pd.Series([str(d["_id"]) for d in docs], dtype="object"),
-            "aktenzeichen": pd.Series([d.get("aktenzeichen") for d in docs], dtype="object"),
-            "first": pd.Series([d.get("firstName") for d in docs], dtype="object"),
-            "last": pd.Series([d.get("lastName") for d in docs], dtype="object"),
-        }
+        [(str(d["_id"]), d.get("aktenzeichen"), d.get("firstName"), d.get("lastName")) for d in docs],
+        columns=["client_id", "aktenzeichen", "first", "last"], dtype=object,
     )
     clients["az_key"], _ = keys.aktenzeichen_key(clients["aktenzeichen"])
     clients["name_key"] = keys.person_name_key(clients["first"], clients["last"])
     clients = clients.drop(columns=["first", "last"])
 
-    owner, pos, items = [], [], []
-    for d in docs:
-        creditors = d.get("final_creditor_list")
-        if not isinstance(creditors, list):
-            continue
-        for i, element in enumerate(creditors):
-            owner.append(str(d["_id"]))
-            pos.append(i)
-            items.append(element if isinstance(element, Mapping) else {})
-    get = lambda name: pd.Series([e.get(name) for e in items], dtype="object")  # noqa: E731
-    elements = pd.DataFrame({"client_id": pd.Series(owner, dtype="object"), "pos": pd.Series(pos, dtype="int64")})
-    elements["observed_sender_email"] = get("sender_email")
-    elements["observed_sender_name"] = get("sender_name")
-    elements["sender_email_key"] = keys.email_key(elements["observed_sender_email"])
-    elements["sender_domain"] = keys.email_domain(elements["sender_email_key"])
-    elements["sender_name_key"] = keys.text_key(elements["observed_sender_name"])
-    elements["sender_words"] = keys.name_words(elements["observed_sender_name"])
-    raw = pd.Series([_amount_or_missing(e) for e in items], dtype="object")
-    elements["mongo_raw"] = raw
-    elements["mongo_missing"] = raw.map(lambda v: v is None or (isinstance(v, str) and v == MISSING)).astype(bool)
-    cents, reasons = _amount_columns(raw.where(~elements["mongo_missing"], None))
-    elements["mongo_cents"], elements["mongo_reason"] = cents, reasons
-    elements["amount_source"] = get("amount_source")
-    elements["response_received_at"] = pd.to_datetime(
-        get("response_received_at").map(lambda v: v if hasattr(v, "tzinfo") else None), utc=True
+    records = [
+        (cid, i, e.get("sender_email"), e.get("sender_name"), e.get("creditor_response_amount", MISSING),
+         e.get("amount_source"), e.get("response_received_at"))
+        for cid, creditors in ((str(d["_id"]), d.get("final_creditor_list")) for d in docs)
+        if isinstance(creditors, list)
+        for i, e in enumerate(c if isinstance(c, Mapping) else {} for c in creditors)
+    ]
+    elements = pd.DataFrame(
+        records,
+        columns=["client_id", "pos", "observed_sender_email", "observed_sender_name", "mongo_raw", "amount_source", "response_received_at"],
+        dtype=object,
     )
+    elements["pos"] = elements["pos"].astype("int64")
+    elements["sender_email_key"] = keys.email_key(elements["observed_sender_email"])
+    raw = elements["mongo_raw"]
+    typed = [json_type_and_text(v) for v in raw]
+    types = pd.Series([t for t, _ in typed], index=raw.index, dtype=object)
+    texts = pd.Series([x for _, x in typed], index=raw.index, dtype=object)
+    elements["mongo_missing"] = (types.isna() | (types == "null")).to_numpy(bool)
+    elements["mongo_cents"], elements["mongo_reason"] = cents_from_typed(types, texts)
+    elements.loc[elements["mongo_missing"], "mongo_reason"] = pd.NA
+    received = elements["response_received_at"].map(lambda v: v if hasattr(v, "tzinfo") else None)
+    elements["response_received_at"] = pd.to_datetime(received, utc=True)
     return clients, elements

@@ -5,16 +5,21 @@ from __future__ import annotations
 import re
 import unicodedata
 
+import numpy as np
 import pandas as pd
 
 _WORD = re.compile(r"[^\W\d_]{4,}")  # "longer than 3 letters": letters only, no digits
 _MAX_KEY_TEXT = 500
 
 
+def _mask(values: pd.Series, test) -> pd.Series:
+    return pd.Series(np.fromiter((test(v) for v in values), dtype=bool, count=len(values)), index=values.index)
+
+
 def _plain_strings(values: pd.Series) -> pd.Series:
     """The values that are non-empty plain strings of sane length; everything else NA."""
-    is_str = values.map(lambda v: isinstance(v, str) and 0 < len(v) <= _MAX_KEY_TEXT, na_action="ignore")
-    return values.where(is_str.fillna(False).astype(bool)).astype("string")
+    ok = _mask(values, lambda v: isinstance(v, str) and 0 < len(v) <= _MAX_KEY_TEXT)
+    return values.astype(object).where(ok).astype("string")
 
 
 def text_key(values: pd.Series) -> pd.Series:
@@ -39,12 +44,12 @@ def email_domain(email_keys: pd.Series) -> pd.Series:
 def aktenzeichen_key(values: pd.Series) -> tuple[pd.Series, pd.Series]:
     """(trimmed aktenzeichen or NA, reason why a present value is unusable or NA)."""
     present = values.notna()
-    is_str = values.map(lambda v: isinstance(v, str), na_action="ignore").fillna(False).astype(bool)
+    is_str = _mask(values, lambda v: isinstance(v, str))
     key = _plain_strings(values).str.strip()
     key = key.where(key.str.len() > 0)
     reason = pd.Series(pd.NA, index=values.index, dtype="string")
     reason = reason.mask(present & ~is_str, "client_aktenzeichen is not a plain string")
-    too_long = is_str & values.map(lambda v: isinstance(v, str) and len(v) > _MAX_KEY_TEXT, na_action="ignore").fillna(False).astype(bool)
+    too_long = _mask(values, lambda v: isinstance(v, str) and len(v) > _MAX_KEY_TEXT)
     reason = reason.mask(too_long, "client_aktenzeichen is too long")
     nul = key.str.contains("\x00", regex=False).fillna(False).astype(bool)
     reason = reason.mask(nul, "client_aktenzeichen contains a NUL character")
@@ -89,7 +94,8 @@ def last_name_patterns(names: pd.Series) -> list[str]:
                 continue
             given = " ".join(words)
             base = given.lower()  # the regex ignores case; `given` stays for letters like "İ" that lower() expands
-            spellings = {given, base, base.casefold().replace("ss", "ß"), base.replace("ß", "ss")}
+            # upper()/title() too: letters whose case mapping expands ("ὐ" -> "Υ̓") escape a simple case-insensitive match
+            spellings = {given, base, given.upper(), given.title(), base.casefold().replace("ss", "ß"), base.replace("ß", "ss")}
             forms = {unicodedata.normalize(form, sp) for sp in spellings for form in ("NFC", "NFD")} | spellings
             for spelling in forms:
                 patterns.add("^\\s*" + "\\s+".join(re.escape(p) for p in spelling.split()) + "\\s*$")

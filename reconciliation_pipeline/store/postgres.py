@@ -14,26 +14,39 @@ import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from reconciliation_pipeline.core.frames import EMAIL_COLUMNS
+from reconciliation_pipeline.core.frames import EMAIL_COLUMNS, TYPED_COLUMNS
 from reconciliation_pipeline.schema import reconciliation_findings, reconciliation_reports
 
-# extracted_data is `json`: any `->` on a value holding \u0000 raises, so rows are read as text and
-# parsed in Python; the strpos() test only narrows the scan.
+# extracted_data is `json`: PostgreSQL splits it into typed fields (json_typeof, ->>) in C, except
+# for rows whose text holds a \u0000 escape, on which any `->` raises: those come back as text and
+# are parsed in Python (frames.prepare_emails). The strpos() test on "debt_amount" only narrows.
 _EMAIL_SELECT = """
-SELECT id AS email_id, from_email, received_at, created_at, {in_window} AS in_window,
-       extracted_data::text AS extracted_json
-FROM incoming_emails
-WHERE sync_status = 'synced'
-  AND json_typeof(extracted_data) = 'object'
-  AND strpos(extracted_data::text, '"debt_amount"') > 0
+SELECT e.id AS email_id, e.from_email, e.received_at, e.created_at, {in_window} AS in_window,
+       CASE WHEN d.safe THEN NULL ELSE d.txt END AS extracted_json,
+       CASE WHEN d.safe THEN json_typeof(e.extracted_data -> 'client_aktenzeichen') END AS az_type,
+       CASE WHEN d.safe AND json_typeof(e.extracted_data -> 'client_aktenzeichen') = 'string'
+            THEN e.extracted_data ->> 'client_aktenzeichen' END AS az_text,
+       CASE WHEN d.safe AND json_typeof(e.extracted_data -> 'client_name') = 'string'
+            THEN e.extracted_data ->> 'client_name' END AS client_name,
+       CASE WHEN d.safe AND json_typeof(e.extracted_data -> 'creditor_name') = 'string'
+            THEN e.extracted_data ->> 'creditor_name' END AS creditor_name,
+       CASE WHEN d.safe THEN json_typeof(e.extracted_data -> 'debt_amount') END AS amount_type,
+       CASE WHEN d.safe AND json_typeof(e.extracted_data -> 'debt_amount') IN ('number', 'string')
+            THEN e.extracted_data ->> 'debt_amount' END AS amount_text
+FROM incoming_emails e
+CROSS JOIN LATERAL (SELECT e.extracted_data::text AS txt,
+                           strpos(e.extracted_data::text, '\\u0000') = 0 AS safe) d
+WHERE e.sync_status = 'synced'
+  AND json_typeof(e.extracted_data) = 'object'
+  AND strpos(d.txt, '"debt_amount"') > 0
 """
-WINDOW_EMAILS = sa.text(_EMAIL_SELECT.format(in_window="true") + " AND created_at >= :start AND created_at < :end")
+WINDOW_EMAILS = sa.text(_EMAIL_SELECT.format(in_window="true") + " AND e.created_at >= :start AND e.created_at < :end")
 RELATED_EMAILS = sa.text(
     _EMAIL_SELECT.format(in_window="false")
     + """
-  AND NOT (created_at >= :start AND created_at < :end)
-  AND ((lower(btrim(from_email)) = ANY(:emails) AND received_at >= :min_received)
-       OR (received_at >= :start AND received_at < :end))
+  AND NOT (e.created_at >= :start AND e.created_at < :end)
+  AND ((lower(btrim(e.from_email)) = ANY(:emails) AND e.received_at >= :min_received)
+       OR (e.received_at >= :start AND e.received_at < :end))
 """
 )
 
@@ -47,7 +60,7 @@ def _stream(
     with engine.connect() as conn:
         result = conn.execution_options(stream_results=True, yield_per=chunk_rows).execute(statement, params)
         for part in result.partitions(chunk_rows):
-            yield pd.DataFrame(part, columns=EMAIL_COLUMNS)
+            yield pd.DataFrame(part, columns=EMAIL_COLUMNS + TYPED_COLUMNS)
 
 
 def stream_window_emails(engine: Engine, start: datetime, end: datetime, chunk_rows: int = 50_000) -> Iterator[pd.DataFrame]:
