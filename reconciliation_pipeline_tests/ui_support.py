@@ -1,0 +1,328 @@
+"""Helpers for the browser test: `dagster dev` as a subprocess, its GraphQL API and headless Chromium.
+
+Everything stays on loopback and every wait is bounded.  `dagster dev` (webserver + daemon + code
+server) runs in its own session and is killed as a process group: it ignores a plain SIGTERM when
+it is not its session's leader, and its children would outlive it otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "test-artifacts" / "browser"
+DEFS_MODULE = "reconciliation_pipeline.definitions"
+JOB = "reconciliation_job"
+ASSET = "reconciliation_report"
+SCHEDULE = "reconciliation_hourly_schedule"
+
+# Required on this kind of machine (root in a container, no GPU, no network beyond loopback).
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run", "--disable-quic",
+]
+# Variables of the parent environment that must not leak into `dagster dev`.
+SCRUBBED_VARS = ("DAGSTER_HOME", "DAGSTER_POSTGRES_URL", "RECON_PARTITIONS_START", "RECON_POSTGRES_URL",
+                 "RECON_MONGO_URI", "RECON_MONGO_DB")
+
+
+def chromium_path() -> str | None:
+    """The system Chromium (Debian package), else `chromium` / `chromium-browser` on PATH."""
+    if os.access("/usr/bin/chromium", os.X_OK):
+        return "/usr/bin/chromium"
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dagster_command() -> list[str]:
+    """The venv's `dagster` console script next to the running interpreter, else `python -m dagster`."""
+    candidate = Path(sys.executable).parent / "dagster"
+    return [str(candidate)] if candidate.exists() else [sys.executable, "-m", "dagster"]
+
+
+# --------------------------------------------------------------------------------------- storage / home
+
+
+@contextmanager
+def dagster_storage_database(service_env: Mapping[str, str]) -> Iterator[str]:
+    """A fresh database for Dagster's own storage on the server of DAGSTER_POSTGRES_URL; dropped after.
+
+    Derived from DAGSTER_POSTGRES_URL (else RECON_POSTGRES_URL's server); always yields a
+    `postgresql+psycopg2://` URL: dagster-postgres' LISTEN/NOTIFY watcher breaks on psycopg 3.
+    """
+    source = service_env.get("DAGSTER_POSTGRES_URL") or service_env["RECON_POSTGRES_URL"]
+    base = make_url(source).set(drivername="postgresql+psycopg2")
+    name = f"dagster_ui_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(base.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        try:
+            yield base.set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
+def write_dagster_home(home: Path) -> Path:
+    """A DAGSTER_HOME holding a copy of the repository's dagster.yaml (PostgreSQL storage, run queue)."""
+    home.mkdir(parents=True, exist_ok=True)
+    text = (REPO / "dagster.yaml").read_text()
+    assert "DAGSTER_POSTGRES_URL" in text, "the repository's dagster.yaml no longer stores runs in PostgreSQL"
+    shutil.copyfile(REPO / "dagster.yaml", home / "dagster.yaml")
+    return home
+
+
+def dev_env(*, pg_url: str, mongo_uri: str, mongo_db: str, dagster_home: Path, dagster_postgres_url: str) -> dict[str, str]:
+    """The parent's environment with the service variables replaced by the test's."""
+    env = {k: v for k, v in os.environ.items() if k not in SCRUBBED_VARS}
+    env.update(
+        RECON_POSTGRES_URL=pg_url, RECON_MONGO_URI=mongo_uri, RECON_MONGO_DB=mongo_db,
+        DAGSTER_HOME=str(dagster_home), DAGSTER_POSTGRES_URL=dagster_postgres_url, PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    )
+    return env
+
+
+# --------------------------------------------------------------------------------------- dagster dev
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a live (non-zombie) process is left in the group; zombies wait for their reaper."""
+    proc_dir = Path("/proc")
+    if proc_dir.is_dir():
+        for entry in proc_dir.iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp ...
+            if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                return True
+        return False
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def kill_group(proc: subprocess.Popen, grace: float = 10) -> None:
+    """SIGTERM the process group of `proc` (a session leader), SIGKILL what is left after `grace` s.
+
+    The leader is reaped as we go, so that a zombie leader does not keep the group "alive".
+    """
+    pgid = proc.pid  # started with start_new_session=True: its own process group
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            proc.poll()
+            if not _group_alive(pgid):
+                break
+            time.sleep(0.2)
+        if not _group_alive(pgid):
+            break
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+class DagsterDev:
+    """`dagster dev -h 127.0.0.1 -p <port> -m reconciliation_pipeline.definitions` in its own session."""
+
+    def __init__(self, env: Mapping[str, str], log_path: Path, port: int | None = None):
+        self.port = port or free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.cmd = [*dagster_command(), "dev", "-h", "127.0.0.1", "-p", str(self.port), "-m", DEFS_MODULE]
+        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(self.cmd, env=dict(env), cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def log(self, tail: int = 20_000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-tail:]
+        except OSError as exc:
+            return f"<no dagster dev log: {exc}>"
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        """Until /server_info answers and the code location has loaded (its job is in the workspace)."""
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"dagster dev exited with {self.proc.returncode}\n$ {' '.join(self.cmd)}\n{self.log()}")
+            try:
+                with urllib.request.urlopen(self.base_url + "/server_info", timeout=5) as resp:
+                    if resp.status == 200 and job_location(self.base_url):
+                        return
+            except CodeLocationError as exc:
+                raise AssertionError(f"{exc}\n$ {' '.join(self.cmd)}\n{self.log()}") from None
+            except (OSError, urllib.error.URLError, GraphQLError) as exc:
+                last = repr(exc)
+            time.sleep(0.5)
+        raise AssertionError(f"dagster dev not ready after {timeout}s (last error: {last})\n"
+                             f"$ {' '.join(self.cmd)}\n{self.log()}")
+
+    def stop(self) -> None:
+        kill_group(self.proc)
+        self._log.close()
+
+
+def start_dagster_dev(env: Mapping[str, str], log_path: Path, timeout: float = 120) -> DagsterDev:
+    """Start `dagster dev` on a free port and wait until it serves the code location.
+
+    A free port can be taken between probing and binding; then it is started once more on another.
+    """
+    for attempt in (1, 2):
+        dev = DagsterDev(env, log_path)
+        try:
+            dev.wait_ready(timeout=timeout)
+            return dev
+        except AssertionError:
+            dev.stop()
+            if attempt == 2 or "address already in use" not in dev.log().lower():
+                raise
+    raise AssertionError("unreachable")
+
+
+# --------------------------------------------------------------------------------------- GraphQL
+
+
+class GraphQLError(Exception):
+    pass
+
+
+def graphql(base_url: str, query: str, variables: Mapping[str, Any] | None = None, timeout: float = 30) -> dict:
+    """POST a query to the webserver's /graphql; the `data` of the answer (errors raise)."""
+    body = json.dumps({"query": query, "variables": dict(variables or {})}).encode()
+    req = urllib.request.Request(base_url + "/graphql", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            answer = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        raise GraphQLError(f"HTTP {exc.code}: {exc.read()[:2000]!r}") from exc
+    if answer.get("errors"):
+        raise GraphQLError(json.dumps(answer["errors"])[:4000])
+    return answer["data"]
+
+
+def set_nux_seen(base_url: str) -> Any:
+    """Mark Dagster's first-visit pop-up ("Join the Dagster community") as seen for the instance.
+
+    The webserver writes $DAGSTER_HOME/.nux/nux.yaml; its `shouldShowNux` query then answers false.
+    """
+    data = graphql(base_url, "mutation { setNuxSeen }")
+    assert graphql(base_url, "{ shouldShowNux }")["shouldShowNux"] is False, "setNuxSeen did not take"
+    return data["setNuxSeen"]
+
+
+class CodeLocationError(AssertionError):
+    pass
+
+
+def job_location(base_url: str, job: str = JOB) -> tuple[str, str] | None:
+    """(repository name, location name) of the loaded code location that has `job`; None while loading."""
+    data = graphql(base_url, """
+        { workspaceOrError { __typename ... on Workspace { locationEntries { name loadStatus locationOrLoadError {
+            __typename ... on RepositoryLocation { repositories { name pipelines { name } } }
+            ... on PythonError { message } } } } } }""")
+    workspace = data["workspaceOrError"]
+    for entry in workspace.get("locationEntries") or []:
+        location = entry.get("locationOrLoadError") or {}
+        if location.get("__typename") == "PythonError":
+            raise CodeLocationError(f"code location {entry['name']} failed to load: {location['message']}")
+        for repo in location.get("repositories") or []:
+            if any(p["name"] == job for p in repo["pipelines"]):
+                return repo["name"], entry["name"]
+    return None
+
+
+def stop_schedule(base_url: str, repository: str, location: str, schedule: str = SCHEDULE) -> str:
+    """Stop a (default RUNNING) schedule so that it cannot launch runs while the test drives the UI."""
+    data = graphql(base_url, """
+        query($sel: ScheduleSelector!) { scheduleOrError(scheduleSelector: $sel) {
+            __typename ... on Schedule { id scheduleState { id status } } } }""",
+                   {"sel": {"repositoryName": repository, "repositoryLocationName": location, "scheduleName": schedule}})
+    state = data["scheduleOrError"]["scheduleState"]
+    if state["status"] == "STOPPED":
+        return "STOPPED"
+    result = graphql(base_url, """
+        mutation($id: String!) { stopRunningSchedule(id: $id) {
+            __typename ... on ScheduleStateResult { scheduleState { status } }
+            ... on PythonError { message } } }""", {"id": state["id"]})["stopRunningSchedule"]
+    assert result["__typename"] == "ScheduleStateResult", result
+    return result["scheduleState"]["status"]
+
+
+RUNS_QUERY = """
+query($filter: RunsFilter) { runsOrError(filter: $filter) { __typename
+    ... on Runs { results { runId status jobName tags { key value } } }
+    ... on PythonError { message } } }"""
+
+
+def runs(base_url: str, job: str = JOB) -> list[dict]:
+    data = graphql(base_url, RUNS_QUERY, {"filter": {"pipelineName": job}})["runsOrError"]
+    assert data["__typename"] == "Runs", data
+    return data["results"]
+
+
+def partition_of(run: Mapping[str, Any]) -> str | None:
+    return next((t["value"] for t in run["tags"] if t["key"] == "dagster/partition"), None)
+
+
+FINISHED = {"SUCCESS", "FAILURE", "CANCELED"}
+
+
+def wait_for_run(base_url: str, run_id: str, timeout: float = 120, on_timeout: Callable[[], str] = lambda: "") -> str:
+    """Poll the run's status until it finished; returns the final status."""
+    deadline = time.monotonic() + timeout
+    status = "?"
+    while time.monotonic() < deadline:
+        data = graphql(base_url, "query($id: ID!) { runOrError(runId: $id) { __typename ... on Run { status } } }",
+                       {"id": run_id})["runOrError"]
+        status = data.get("status", data["__typename"])
+        if status in FINISHED:
+            return status
+        time.sleep(1)
+    raise AssertionError(f"run {run_id} not finished after {timeout}s (status {status})\n{on_timeout()}")
+
+
+def run_failure_events(base_url: str, run_id: str) -> str:
+    """The run's error-level log messages (for assertion messages)."""
+    data = graphql(base_url, """
+        query($id: ID!) { logsForRun(runId: $id) { __typename ... on EventConnection { events {
+            __typename ... on MessageEvent { message level } } } } }""", {"id": run_id})["logsForRun"]
+    events = data.get("events") or []
+    return "\n".join(e["message"][:2000] for e in events if e.get("level") in ("ERROR", "CRITICAL"))[-8000:]
