@@ -15,6 +15,10 @@ from reconciliation_pipeline.report import CHECK_SPECS
     group_name="reconciliation",
     kinds={"postgres", "mongodb", "pandas"},
     owners=["team:operations"],
+    description=(
+        "Hourly PostgreSQL -> MongoDB reconciliation of creditor debt amounts: outbox retry, diff, "
+        "repair, cleanup and the report (counts as plottable metadata, findings as a table)."
+    ),
 )
 def reconciliation_report():
     """Hourly PostgreSQL -> MongoDB reconciliation: outbox retry, diff, repair, cleanup, report."""

@@ -1,8 +1,11 @@
 """The ops of one reconciliation run: thin wrappers around `steps` with resources and the window."""
 
 
-import pandas as pd
+import os
+import shutil
+
 import dagster as dg
+import pandas as pd
 from dagster._core.errors import DagsterInvalidPropertyError
 
 from reconciliation_pipeline import faults, steps
@@ -149,6 +152,17 @@ def cleanup(
         return steps.cleanup(engine, settings.outbox_retention_days, settings.cleanup_batch_size, context.log)
 
 
+def _forget_intermediate_outputs(context: dg.OpExecutionContext) -> None:
+    """Delete this run's pickled op outputs: the email frames hold client names.
+
+    Only the default filesystem IO manager's run directory is touched; a failed run keeps it so
+    that a retry from failure can reuse the outputs.
+    """
+    run_dir = os.path.join(context.instance.storage_directory(), context.run_id)
+    if os.path.isdir(run_dir):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 @dg.op(
     out={
         "result": dg.Out(dict, description="The run's reconciliation report"),
@@ -165,5 +179,6 @@ def finish_report(
     with postgres.get_engine() as engine:
         pg.finish_report(engine, run.report_id, report.row)
     context.log.info(f"report {run.report_id}: " + ", ".join(f"{k}={v}" for k, v in report.counts.items()))
+    _forget_intermediate_outputs(context)
     yield dg.Output(report.summary, output_name="result", metadata=report.metadata)
     yield from report.check_results

@@ -23,7 +23,7 @@ CHECK_SPECS = [
     dg.AssetCheckSpec(CHECK_DEAD_OUTBOX, asset=ASSET_KEY, description="No outbox message exhausted its retries (red: failed MongoDB writes need a person; see outbox_messages.error_message)."),
 ]
 TABLE_ROWS = 50
-TABLE_COLUMNS = ["aktenzeichen", "creditor", "kind", "PostgreSQL", "MongoDB", "action"]
+TABLE_COLUMNS = ["aktenzeichen", "kind", "action", "PostgreSQL", "MongoDB", "creditor"]
 
 
 @dataclass
@@ -56,7 +56,8 @@ def findings_markdown(findings: pd.DataFrame, limit: int = TABLE_ROWS) -> str:
         head["aktenzeichen"], head["creditor_email"], head["kind"], head["pg_amount_cents"],
         head["mongo_amount_cents"], head["action"],
     ):
-        lines.append("| " + " | ".join(_cell(v) for v in (az, creditor, kind, _euros(pg_cents), _euros(mongo_cents), action)) + " |")
+        creditor_cell = f"`{_cell(creditor)}`" if _cell(creditor) else ""  # code span: no mailto link, no wrapping
+        lines.append("| " + " | ".join([*(_cell(v) for v in (az, kind, action, _euros(pg_cents), _euros(mongo_cents))), creditor_cell]) + " |")
     more = len(findings) - len(head)
     suffix = f"\n\nShowing {len(head)} of {len(findings)} findings; all are in `reconciliation_findings`." if more else ""
     return "\n".join(lines) + suffix
@@ -111,7 +112,7 @@ def build_report(
         "extra_in_mongo": dg.MetadataValue.int(int(kinds.get(EXTRA_IN_MONGO, 0))),
         **{f"kind_{k}": dg.MetadataValue.int(int(kinds.get(k, 0))) for k in KINDS if k != EXTRA_IN_MONGO},
         "unrepaired_findings": dg.MetadataValue.int(unrepaired),
-        "drift_rate": dg.MetadataValue.float(float(drift_rate)),
+        "drift_rate": dg.MetadataValue.float(round(float(drift_rate), 6)),
         "mongo_available": dg.MetadataValue.bool(bool(repaired.mongo_available)),
         "dry_run": dg.MetadataValue.bool(run.dry_run),
         "repairs_halted": dg.MetadataValue.bool(repaired.repairs_halted),

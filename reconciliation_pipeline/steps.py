@@ -61,6 +61,10 @@ def _progress(log: Logger, what: str) -> Callable[[int, int], None]:
     return report
 
 
+def _counts(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in counts.items()) or "none"
+
+
 # --- 1. outbox retry ----------------------------------------------------------------------------
 
 @dataclass
@@ -362,7 +366,7 @@ def diff(emails: pd.DataFrame, mongo: MongoExtract, ctx: RunContext, tolerance_c
     options = core_diff.DiffOptions(ctx.window_start, ctx.window_end, tolerance_cents, repair_low_confidence)
     findings, checked = core_diff.diff(emails, mongo.clients, mongo.elements, options)
     counts = findings["kind"].value_counts().to_dict() if len(findings) else {}
-    log.info(f"diff: {checked} pairs compared, {len(findings)} findings {counts}")
+    log.info(f"diff: {checked} pairs compared, {len(findings)} findings ({_counts(counts)})")
     return DiffResult(findings, checked, True)
 
 
@@ -443,7 +447,7 @@ def repair(
         findings.loc[key, "error"] = outcome.error
         findings.loc[key, "mongo_amount_cents_after"] = outcome.after_cents
     actions = findings.loc[repairable, "action"].value_counts().to_dict()
-    log.info(f"repair: {actions}")
+    log.info(f"repair: {_counts(actions)}")
     return result
 
 
