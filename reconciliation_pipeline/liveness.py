@@ -58,4 +58,10 @@ def close_stale_reports(engine: Engine, instance: dg.DagsterInstance, log: Any) 
             log.warning(f"report {report['id']} (run {report['run_id']}) closed as failed: {reason}")
         if run is not None and run.status == dg.DagsterRunStatus.STARTED:
             instance.report_run_failed(run, f"reconciliation report closed: {reason}")
+        if run is not None and instance.event_log_storage.supports_global_concurrency_limits:
+            # a killed `dagster job execute` run never gives back its pool slot; without the daemon
+            # (run monitoring frees them) the next run's MongoDB writer ops would wait forever
+            freed = instance.event_log_storage.free_concurrency_slots_for_run(report["run_id"])
+            if freed:
+                log.warning(f"freed {freed} concurrency pool slots held by dead run {report['run_id']}")
     return closed

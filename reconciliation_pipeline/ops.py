@@ -67,7 +67,7 @@ def retry_outbox(
         pg.heartbeat(engine, run.report_id)
         return steps.retry_outbox(
             engine, mongo.get_clients_collection, mongo.is_available(), run,
-            settings.outbox_batch_size, settings.mongo_batch_size, context.log,
+            settings.outbox_batch_size, settings.mongo_batch_size, context.log, settings.repair_lock_wait_seconds,
         )
 
 

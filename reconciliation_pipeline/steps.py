@@ -139,7 +139,7 @@ def _deliver_batch(
 
 def retry_outbox(
     engine: Engine, collection_factory: Callable[[], Any], mongo_available: bool, ctx: RunContext,
-    batch_size: int, mongo_batch_size: int, log: Logger,
+    batch_size: int, mongo_batch_size: int, log: Logger, lock_wait_seconds: int = 300,
 ) -> OutboxResult:
     """Deliver pending outbox messages oldest first, in locked batches; see RULES.md section 1."""
     result = OutboxResult()
@@ -151,6 +151,22 @@ def retry_outbox(
         log.warning(f"outbox: {result.note}; {result.deferred} pending messages deferred")
         return result
 
+    with pg.advisory_lock(engine, pg.MONGO_WRITER_LOCK, lock_wait_seconds) as locked:
+        if not locked:
+            with engine.connect() as conn:
+                result.deferred = pg.count_pending_outbox(conn)
+                result.dead = pg.count_dead_outbox(conn)
+            result.note = "another reconciliation run held the MongoDB writer lock: outbox deferred"
+            log.warning(f"outbox: {result.note}")
+            return result
+        _deliver_pending(engine, collection_factory, ctx, batch_size, mongo_batch_size, log, result)
+    return result
+
+
+def _deliver_pending(
+    engine: Engine, collection_factory: Callable[[], Any], ctx: RunContext, batch_size: int, mongo_batch_size: int,
+    log: Logger, result: OutboxResult,
+) -> None:
     seen: list[int] = []
     blocked_aggregates: set[tuple[str, str]] = set()
     connection_lost = False
@@ -227,7 +243,6 @@ def retry_outbox(
         result.dead = pg.count_dead_outbox(conn)
         if connection_lost:
             result.deferred += pg.count_pending_outbox(conn, exclude=seen)
-    return result
 
 
 def _outbox_audit(
