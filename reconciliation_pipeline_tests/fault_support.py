@@ -159,7 +159,7 @@ class MongoCutProxy:
 
     def __init__(self, target_port: int, rule: CutRule | None = None, after_cut: str = DOWN,
                  on_command: Callable[[str, int], None] | None = None, max_lifetime: float = 300.0,
-                 record: bool = False):
+                 record: bool = False, on_request: Callable[[str, dict | None], None] | None = None):
         self.target_port = target_port
         self.record = record
         self.sent: list[dict] = []     # decoded commands (record=True)
@@ -169,6 +169,7 @@ class MongoCutProxy:
         self.rule = rule
         self.after_cut = after_cut
         self.on_command = on_command  # called (in the pump thread) before a message is forwarded
+        self.on_request = on_request  # the same, with the decoded command document
         self.deadline = time.monotonic() + max_lifetime
         self.commands: list[str] = []
         self.counts: Counter[str] = Counter()
@@ -330,7 +331,7 @@ class MongoCutProxy:
                     break
                 message, buffer = buffer[:length], buffer[length:]
                 name = command_name(message)
-                decoded = decode_message(message) if self.record else None
+                decoded = decode_message(message) if (self.record or self.on_request) else None
                 with self._lock:
                     if decoded is not None:
                         self.sent.append(decoded)
@@ -343,6 +344,8 @@ class MongoCutProxy:
                         self.cut_at = f"{mode} at {name} #{count}"
                 if self.on_command is not None:
                     self.on_command(name, count)
+                if self.on_request is not None:
+                    self.on_request(name, decoded)
                 if mode is None:
                     if not self._send(pair.server, message):
                         pair.close()

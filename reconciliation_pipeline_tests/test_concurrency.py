@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -93,37 +94,46 @@ def _run_ids(instance: dg.DagsterInstance) -> list[str]:
 
 
 def test_two_cli_runs_at_once_repair_each_finding_once_under_the_advisory_lock(pg, pg_url, mongo_db, service_env, tmp_path):
+    """sqlite instance (no Dagster pool limits): only the PostgreSQL advisory lock keeps the runs apart.
+    Both runs reach their repair with the same drift: the proxy holds the first run's re-read of the
+    documents (it holds the writer lock then) until the other run's repair step has started too."""
     email_ids = seed_drift(pg, mongo_db)
     home = sqlite_home(tmp_path / "dagster_home")
-    env = cli_env(pg_url=pg_url, mongo_uri=service_env["RECON_MONGO_URI"], mongo_db=mongo_db.name, dagster_home=home)
-    config = write_config(tmp_path / "run_config.yaml", repair_lock_wait_seconds=180)
-    processes: list[CliProcess] = []
-    holder = pg.connect()
     with dg.DagsterInstance.from_config(str(home)):
         pass  # create the sqlite storage first: two processes creating it at once race on its alembic stamp
-    try:
-        holder.execute(sa.select(sa.func.pg_advisory_lock(MONGO_WRITER_LOCK)))
-        holder.commit()
-        processes = [CliProcess(execute_args(PARTITION, config), env, tmp_path / "logs", name=f"run{i}") for i in (1, 2)]
+    reached, gate = threading.Event(), threading.Event()
 
-        def both_waiting() -> bool:
-            with dg.DagsterInstance.from_config(str(home)) as instance:
-                run_ids = _run_ids(instance)
-                started = [r for r in run_ids if any(k == "STEP_START" for k, _ in _steps(instance, r, "repair_mongo"))]
-            return len(started) == 2 and len(pipeline_backends(pg)) >= 2
+    def hold_the_first_repair_read(name: str, command: dict | None) -> None:
+        if name == "find" and command and "_id" in command.get("filter", {}) and not reached.is_set():
+            reached.set()
+            gate.wait(timeout=150)
 
-        wait_until(both_waiting, timeout=180, interval=1, what="both runs to wait for the MongoDB writer lock",
-                   debug=lambda: "\n".join(p.result().describe(1500) for p in processes))
-        time.sleep(2)
-    finally:
-        holder.execute(sa.select(sa.func.pg_advisory_unlock(MONGO_WRITER_LOCK)))
-        holder.commit()
-        holder.close()
-    try:
-        results = [p.wait(timeout=240) for p in processes]
-    finally:
-        for p in processes:
-            p.kill()
+    processes: list[CliProcess] = []
+    with MongoCutProxy(mongo_port(service_env["RECON_MONGO_URI"]), on_request=hold_the_first_repair_read,
+                       max_lifetime=400) as proxy:
+        env = cli_env(pg_url=pg_url, mongo_uri=proxy.uri, mongo_db=mongo_db.name, dagster_home=home)
+        config = write_config(tmp_path / "run_config.yaml", repair_lock_wait_seconds=180)
+        try:
+            processes = [CliProcess(execute_args(PARTITION, config), env, tmp_path / "logs", name=f"run{i}") for i in (1, 2)]
+
+            def both_in_repair() -> bool:
+                if not reached.is_set():
+                    return False
+                with dg.DagsterInstance.from_config(str(home)) as instance:
+                    started = [r for r in _run_ids(instance)
+                               if any(k == "STEP_START" for k, _ in _steps(instance, r, "repair_mongo"))]
+                return len(started) == 2
+
+            wait_until(both_in_repair, timeout=200, interval=1, what="both runs to reach their repair",
+                       debug=lambda: "\n".join(p.result().describe(1500) for p in processes))
+            time.sleep(3)  # the second run polls for the writer lock
+        finally:
+            gate.set()
+        try:
+            results = [p.wait(timeout=240) for p in processes]
+        finally:
+            for p in processes:
+                p.kill()
     for result in results:
         assert result.returncode == 0, result.describe()
 

@@ -212,33 +212,42 @@ def _run_in_thread(reconcile, **kwargs: Any) -> tuple[threading.Thread, dict]:
     return thread, box
 
 
-def _step_started(instance: dg.DagsterInstance, op: str) -> bool:
+def _step_events(instance: dg.DagsterInstance, op: str) -> set[str]:
+    kinds: set[str] = set()
     for run in instance.get_runs():
-        for entry in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_START):
-            if entry.step_key and entry.step_key.endswith(f".{op}"):
-                return True
-    return False
+        for entry in instance.all_logs(run.run_id):
+            if entry.dagster_event is not None and entry.step_key and entry.step_key.endswith(f".{op}"):
+                kinds.add(entry.dagster_event.event_type_value)
+    return kinds
 
 
-def _waiting_on(pg: sa.Engine, what: str, instance: dg.DagsterInstance) -> list[dict]:
-    backends = pipeline_backends(pg)
-    if what == "lock":
-        return [b for b in backends if b["wait_event_type"] == "Lock"]
-    # the repair polls pg_try_advisory_lock once a second on one connection that stays open in between
-    if not _step_started(instance, "repair_mongo"):
+def _running(instance: dg.DagsterInstance, op: str) -> bool:
+    kinds = _step_events(instance, op)
+    return "STEP_START" in kinds and not kinds & {"STEP_SUCCESS", "STEP_FAILURE"}
+
+
+def _lock_waiters(pg: sa.Engine) -> list[dict]:
+    return [b for b in pipeline_backends(pg) if b["wait_event_type"] == "Lock"]
+
+
+def _advisory_waiter(pg: sa.Engine, instance: dg.DagsterInstance, op: str) -> list[dict]:
+    # the writer polls pg_try_advisory_lock once a second on one connection that stays open in between
+    if not _running(instance, op):
         return []
     time.sleep(1.5)
-    return pipeline_backends(pg)
+    return pipeline_backends(pg) if _running(instance, op) else []
 
 
 PG_KILLS = {
-    # the outbox claim waits for a table lock the test holds; the op has no retry policy
-    "outbox_claim": dict(block="table_lock", op="retry_outbox", expect_success=False, settings={}),
-    # the repair waits for the MongoDB writer advisory lock the test holds
-    "repair_lock_wait": dict(block="advisory_lock", op="repair_mongo", expect_success=False,
+    # the outbox claim waits for a table lock the test holds (the op has no retry policy)
+    "outbox_claim": dict(block="incoming_emails", op="retry_outbox", expect_success=False, settings={}),
+    # the first MongoDB writer (the outbox step) waits for the writer advisory lock the test holds
+    "writer_lock_wait": dict(block="advisory", op="retry_outbox", expect_success=False,
                              settings={"repair_lock_wait_seconds": 90}),
+    # the repair wrote MongoDB and waits to insert its audit rows (table locked once the outbox step is done)
+    "repair_audit_insert": dict(block="findings_after_outbox", op="repair_mongo", expect_success=False, settings={}),
     # the PostgreSQL extract (dry run: the outbox step does not read incoming_emails) is retried by its policy
-    "extract_read": dict(block="table_lock", op="extract_postgres", expect_success=True, settings={"dry_run": True}),
+    "extract_read": dict(block="incoming_emails", op="extract_postgres", expect_success=True, settings={"dry_run": True}),
 }
 
 
@@ -247,27 +256,38 @@ def test_postgres_connection_terminated_mid_run(case, pg, mongo_db, reconcile):
     spec = PG_KILLS[case]
     ids = seed(pg, mongo_db)
     before = snapshot(mongo_db)
+    instance = reconcile.instance
     blocker = pg.connect()
+    thread = None
     try:
-        if spec["block"] == "table_lock":
+        if spec["block"] == "incoming_emails":
             blocker.execute(sa.text("LOCK TABLE incoming_emails IN ACCESS EXCLUSIVE MODE"))
-            what = "lock"
-        else:
+            thread, box = _run_in_thread(reconcile, **spec["settings"])
+            waiting = lambda: _lock_waiters(pg)  # noqa: E731
+        elif spec["block"] == "advisory":
             blocker.execute(sa.select(sa.func.pg_advisory_lock(MONGO_WRITER_LOCK)))
             blocker.commit()
-            what = "advisory"
-        thread, box = _run_in_thread(reconcile, **spec["settings"])
-        waiting = wait_until(lambda: _waiting_on(pg, what, reconcile.instance), timeout=90, what=f"the run to wait on the {what}",
-                             debug=lambda: str(pipeline_backends(pg)))
-        assert terminate_pipeline_backends(pg) >= 1, waiting
-    finally:
-        if spec["block"] == "table_lock":
-            blocker.rollback()
+            thread, box = _run_in_thread(reconcile, **spec["settings"])
+            waiting = lambda: _advisory_waiter(pg, instance, spec["op"])  # noqa: E731
         else:
+            thread, box = _run_in_thread(reconcile, **spec["settings"])
+            wait_until(lambda: "STEP_SUCCESS" in _step_events(instance, "retry_outbox"), timeout=90,
+                       what="the outbox step to finish")
+            blocker.execute(sa.text("LOCK TABLE reconciliation_findings IN EXCLUSIVE MODE"))
+            waiting = lambda: _lock_waiters(pg)  # noqa: E731
+        waiters = wait_until(waiting, timeout=90, what=f"the run to wait on {spec['block']}",
+                             debug=lambda: str(pipeline_backends(pg)))
+        assert _running(instance, spec["op"]), f"{spec['op']} is not the step that waits: {waiters}"
+        assert terminate_pipeline_backends(pg) >= 1, waiters
+    finally:
+        if spec["block"] == "advisory":
             blocker.execute(sa.select(sa.func.pg_advisory_unlock(MONGO_WRITER_LOCK)))
             blocker.commit()
+        else:
+            blocker.rollback()
         blocker.close()
-    thread.join(timeout=180)
+        if thread is not None:
+            thread.join(timeout=180)
     assert not thread.is_alive(), "the run did not finish within 180s after its connection was terminated"
     assert "error" not in box, box.get("error")
     result = box["result"]
@@ -283,10 +303,7 @@ def test_postgres_connection_terminated_mid_run(case, pg, mongo_db, reconcile):
         assert report["status"] == "failed" and report["completed_at"] is not None, report
         assert spec["op"] in report["error_message"], report["error_message"]
         assert "terminat" in report["error_message"].lower(), report["error_message"]
-        if spec["op"] == "repair_mongo":
-            # nothing was written by the repair (the outbox delivery before it was verified)
-            assert amounts(mongo_db)[("542900", SPARKASSE)] == 999.99
-        else:
+        if spec["op"] == "retry_outbox":
             assert snapshot(mongo_db) == before
     assert_nothing_unverified(pg, mongo_db)
 
