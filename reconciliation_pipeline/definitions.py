@@ -3,13 +3,13 @@
 import dagster as dg
 
 from reconciliation_pipeline.assets import reconciliation_report
-from reconciliation_pipeline.jobs import reconciliation_hourly_schedule, reconciliation_job
+from reconciliation_pipeline.jobs import reconciliation_hourly_schedule, reconciliation_job, reconciliation_parallel_job
 from reconciliation_pipeline.resources import MongoResource, PostgresResource, ReconciliationSettings
 from reconciliation_pipeline.sensors import close_stale_reports_sensor
 
 defs = dg.Definitions(
     assets=[reconciliation_report],
-    jobs=[reconciliation_job],
+    jobs=[reconciliation_job, reconciliation_parallel_job],
     schedules=[reconciliation_hourly_schedule],
     sensors=[close_stale_reports_sensor],
     resources={

@@ -133,12 +133,10 @@ def repair_mongo(
     """Write PostgreSQL's amounts into MongoDB for repairable findings (compare-and-swap, read back)."""
     with postgres.get_engine() as engine:
         pg.heartbeat(engine, run.report_id)
-        result = steps.repair(
+        return steps.repair(
             engine, mongo.get_clients_collection, diff, run, settings.max_repairs,
             settings.repair_lock_wait_seconds, settings.mongo_batch_size, context.log,
         )
-        pg.insert_findings(engine, steps.audit_rows(run, result.findings))
-    return result
 
 
 @dg.op(retry_policy=READ_RETRY)

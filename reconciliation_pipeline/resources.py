@@ -76,7 +76,7 @@ class MongoResource(dg.ConfigurableResource):
             with self.get_client() as client:
                 client.admin.command("ping")
             return True
-        except PyMongoError:
+        except (PyMongoError, KeyError, OSError):  # KeyError: the wire stand-in's auth handshake
             return False
 
 

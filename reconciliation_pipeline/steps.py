@@ -101,9 +101,13 @@ def _deliver_batch(
 ) -> tuple[dict[int, core_repair.Outcome], dict[int, str]]:
     """Match each message to its client's creditor and write them with the shared CAS writer."""
     frame = _request_frame(messages, requests)
-    docs = mongo_store.fetch_clients(
-        collection, frame["az_key"].dropna(), last_name_patterns(frame["client_name"]), batch_size
-    )
+    try:
+        docs = mongo_store.fetch_clients(
+            collection, frame["az_key"].dropna(), last_name_patterns(frame["client_name"]), batch_size
+        )
+    except ConnectionFailure as exc:  # nothing written: every message waits for the next run
+        lost = core_repair.Outcome(core_repair.REPAIR_FAILED, error=f"MongoDB unreachable: {type(exc).__name__}", connection_lost=True)
+        return {m["id"]: lost for m in messages}, {}
     clients, elements = prepare_clients(docs)
     matched = core_diff.match(frame.assign(in_window=True), clients, elements)[0].set_index("email_id")
     by_id = {str(d["_id"]): d for d in docs}
@@ -416,36 +420,56 @@ def _updates_from_findings(findings: pd.DataFrame) -> dict[str, list[core_repair
     return updates
 
 
+IN_FLIGHT = "write sent, not verified: the run ended before the read-back"
+
+
 def repair(
     engine: Engine, collection_factory: Callable[[], Any], diff: DiffResult, ctx: RunContext,
     max_repairs: int, lock_wait_seconds: int, batch_size: int, log: Logger,
 ) -> RepairResult:
-    """Write PostgreSQL's amounts into MongoDB for the repairable findings (CAS, read back, audited)."""
+    """Write PostgreSQL's amounts into MongoDB for the repairable findings (CAS, read back, audited).
+
+    The audit rows go in before the first write (repairable ones as not verified) and are updated
+    with each verified outcome, so a run killed mid-write still leaves a record of what it sent.
+    """
     findings = diff.findings.copy()
     findings["action"] = core_repair.REPORTED
     findings["error"] = findings["reason"] if len(findings) else None
     findings["mongo_amount_cents_after"] = pd.array([pd.NA] * len(findings), dtype="Int64")
     repairable = findings["repairable"].astype(bool) if len(findings) else pd.Series(dtype=bool)
     result = RepairResult(findings, diff.records_checked, diff.mongo_available, repairable=int(repairable.sum()), note=diff.note)
-    if result.repairable == 0:
-        return result
-    if ctx.dry_run:
+    if result.repairable and ctx.dry_run:
         findings.loc[repairable, "action"] = core_repair.SKIPPED_DRY_RUN
         log.info(f"repair: dry run, {result.repairable} repairable findings left as they are")
-        return result
-    if result.repairable > max_repairs:
+    elif result.repairable > max_repairs:
         findings.loc[repairable, "action"] = core_repair.SKIPPED_BUDGET
         result.repairs_halted = True
         result.note = f"{result.repairable} repairable findings exceed max_repairs={max_repairs}: nothing repaired"
         log.error(f"repair: {result.note}")
+    elif result.repairable:
+        _write_repairs(engine, collection_factory, findings, repairable, ctx, lock_wait_seconds, batch_size, log, result)
         return result
+    pg.insert_findings(engine, audit_rows(ctx, findings))
+    return result
+
+
+def _write_repairs(
+    engine: Engine, collection_factory: Callable[[], Any], findings: pd.DataFrame, repairable: pd.Series,
+    ctx: RunContext, lock_wait_seconds: int, batch_size: int, log: Logger, result: RepairResult,
+) -> None:
+    log.info(f"repair: {result.repairable} repairable findings; taking the MongoDB writer lock (waits up to {lock_wait_seconds} s)")
     with pg.advisory_lock(engine, pg.MONGO_WRITER_LOCK, lock_wait_seconds) as locked:
         if not locked:
             findings.loc[repairable, "action"] = core_repair.SKIPPED_CONCURRENT_CHANGE
             findings.loc[repairable, "error"] = "another reconciliation run held the MongoDB writer lock"
             result.note = "another run was writing to MongoDB: repairs skipped, checked again next run"
             log.warning(f"repair: {result.note}")
-            return result
+            pg.insert_findings(engine, audit_rows(ctx, findings))
+            return
+        intent = findings.copy()
+        intent.loc[repairable, "action"] = core_repair.REPAIR_FAILED
+        intent.loc[repairable, "error"] = IN_FLIGHT
+        audit_ids = dict(zip(findings.index, pg.insert_findings(engine, audit_rows(ctx, intent), returning_ids=True)))
         updates = _updates_from_findings(findings)
         try:
             with collection_factory() as collection:
@@ -457,13 +481,16 @@ def repair(
                 u.key: core_repair.Outcome(core_repair.REPAIR_FAILED, error=f"MongoDB unreachable: {type(exc).__name__}", connection_lost=True)
                 for us in updates.values() for u in us
             }
-    for key, outcome in outcomes.items():
-        findings.loc[key, "action"] = outcome.action
-        findings.loc[key, "error"] = outcome.error
-        findings.loc[key, "mongo_amount_cents_after"] = outcome.after_cents
+        for key, outcome in outcomes.items():
+            findings.loc[key, "action"] = outcome.action
+            findings.loc[key, "error"] = outcome.error
+            findings.loc[key, "mongo_amount_cents_after"] = outcome.after_cents
+        pg.update_finding_outcomes(engine, [
+            {"finding_id": audit_ids[key], "action": o.action, "error": o.error, "after": o.after_cents}
+            for key, o in outcomes.items()
+        ])
     actions = findings.loc[repairable, "action"].value_counts().to_dict()
     log.info(f"repair: {_counts(actions)}")
-    return result
 
 
 def audit_rows(ctx: RunContext, findings: pd.DataFrame) -> list[dict]:

@@ -469,15 +469,9 @@ def execute_args(partition: str, config: Path | None = None) -> list[str]:
     return args
 
 
-def write_config(path: Path, in_process: bool = True, **settings: Any) -> Path:
-    """A run config file (JSON is YAML): the `settings` resource and (by default) the in-process executor.
-
-    The job declares the in-process executor as its default config, but `dagster job execute` without
-    `-c` does not apply it and runs every op in a child process (see test_faults).
-    """
+def write_config(path: Path, **settings: Any) -> Path:
+    """A run config file (JSON is YAML) for the `settings` resource; reconciliation_job runs in one process."""
     config: dict[str, Any] = {"resources": {"settings": {"config": settings}}}
-    if in_process:
-        config["execution"] = {"config": {"in_process": {}}}
     path.write_text(json.dumps(config))
     return path
 

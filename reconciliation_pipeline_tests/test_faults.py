@@ -479,6 +479,5 @@ def test_documented_cli_command_runs_in_one_process_and_a_kill_still_converges(p
     multiprocess = "multiprocess executor" in killed.stderr
     assert killed.returncode == -signal.SIGKILL and not multiprocess, (
         f"exit {killed.returncode}: `dagster job execute` without -c ran the "
-        f"{'multiprocess' if multiprocess else 'unknown'} executor, not the job's default in-process one "
-        f"(jobs.py `config={{'execution': {{'config': {{'in_process': {{}}}}}}}}` is not applied by the CLI); "
+        f"{'multiprocess' if multiprocess else 'unknown'} executor, not the job's in-process one; "
         f"the crash killed only a step's child process")

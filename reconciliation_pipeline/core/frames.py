@@ -20,6 +20,7 @@ from reconciliation_pipeline.core import keys
 from reconciliation_pipeline.core.amounts import MAX_AMOUNT, try_cents
 
 MISSING = "\x00<creditor_response_amount absent>"  # marker for a missing field (distinct from null)
+UNPARSABLE = "unparsable"  # type given to every field of extracted_data that could not be parsed
 
 EMAIL_COLUMNS = ["email_id", "from_email", "received_at", "created_at", "in_window", "extracted_json"]
 TYPED_COLUMNS = ["az_type", "az_text", "client_name", "creditor_name", "amount_type", "amount_text"]
@@ -72,8 +73,8 @@ def _typed_from_json(texts: pd.Series) -> pd.DataFrame:
     rows = []
     for text in texts:
         data = parse_json_object(text)
-        if data is None:
-            rows.append((None, None, None, None, None, None))
+        if data is None:  # e.g. nested deeper than Python's parser goes: say so, don't guess
+            rows.append((UNPARSABLE, None, None, None, UNPARSABLE, None))
             continue
         az_type, az_text = json_type_and_text(data.get("client_aktenzeichen", MISSING))
         amount_type, amount_text = json_type_and_text(data.get("debt_amount", MISSING))
@@ -136,7 +137,8 @@ def cents_from_typed(types: pd.Series, texts: pd.Series) -> tuple[pd.Series, pd.
     missing = pd.isna(types).to_numpy(bool)
     reasons[other & missing] = "no amount"
     for kind, reason in (("null", "no amount"), ("boolean", "boolean is not an amount"), ("object", "an object is not an amount"),
-                         ("array", "a list is not an amount"), ("invalid", "not a finite number")):
+                         ("array", "a list is not an amount"), ("invalid", "not a finite number"),
+                         (UNPARSABLE, "extracted_data could not be parsed")):
         reasons[(types == kind).to_numpy(bool)] = reason
     out = pd.array(np.where(valid, cents, 0), dtype="Int64")
     out[~valid] = pd.NA
@@ -154,8 +156,9 @@ def add_email_keys(raw: pd.DataFrame) -> pd.DataFrame:
     if "az_type" in raw:
         az = raw["az_text"].where(raw["az_type"] == "string")
         out["az_key"], out["az_reason"] = keys.aktenzeichen_key(az.astype(object))
-        bad_type = raw["az_type"].notna() & ~raw["az_type"].isin(["string", "null"])
+        bad_type = raw["az_type"].notna() & ~raw["az_type"].isin(["string", "null", UNPARSABLE])
         out["az_reason"] = out["az_reason"].mask(bad_type, "client_aktenzeichen is not a plain string")
+        out["az_reason"] = out["az_reason"].mask(raw["az_type"] == UNPARSABLE, "extracted_data could not be parsed")
     else:
         out["az_key"], out["az_reason"] = keys.aktenzeichen_key(raw["client_aktenzeichen"])
     for column in ("client_name", "creditor_name"):

@@ -244,12 +244,33 @@ def running_reports(engine: Engine) -> list[Mapping[str, Any]]:
 FINDING_FIELDS = [c.name for c in reconciliation_findings.columns if c.name not in ("id", "created_at")]
 
 
-def insert_findings(engine: Engine, rows: Sequence[Mapping[str, Any]], batch_size: int = 5_000) -> int:
-    """Append audit rows to reconciliation_findings."""
+def insert_findings(
+    engine: Engine, rows: Sequence[Mapping[str, Any]], batch_size: int = 5_000, returning_ids: bool = False
+) -> Any:
+    """Append audit rows to reconciliation_findings; the new ids in row order when asked, else the count."""
+    ids: list[int] = []
     for i in range(0, len(rows), batch_size):
+        chunk = [{k: r.get(k) for k in FINDING_FIELDS} for r in rows[i : i + batch_size]]
         with engine.begin() as conn:
-            conn.execute(reconciliation_findings.insert(), [{k: r.get(k) for k in FINDING_FIELDS} for r in rows[i : i + batch_size]])
-    return len(rows)
+            if returning_ids:
+                stmt = reconciliation_findings.insert().returning(reconciliation_findings.c.id, sort_by_parameter_order=True)
+                ids += list(conn.execute(stmt, chunk).scalars())
+            else:
+                conn.execute(reconciliation_findings.insert(), chunk)
+    return ids if returning_ids else len(rows)
+
+
+def update_finding_outcomes(engine: Engine, outcomes: Sequence[Mapping[str, Any]]) -> None:
+    """Record the verified outcome (action, error, amount after) of audit rows written before a write."""
+    if not outcomes:
+        return
+    stmt = (
+        reconciliation_findings.update()
+        .where(reconciliation_findings.c.id == sa.bindparam("finding_id"))
+        .values(action=sa.bindparam("action"), error=sa.bindparam("error"), mongo_amount_cents_after=sa.bindparam("after"))
+    )
+    with engine.begin() as conn:
+        conn.execute(stmt, list(outcomes))
 
 
 @contextmanager
