@@ -99,7 +99,7 @@ def extract_mongo(
         context.log.warning("extract mongo: MongoDB unreachable; comparison and repair skipped")
         return steps.MongoExtract(available=False, error="MongoDB unreachable")
     with mongo.get_clients_collection() as collection:
-        extract = steps.extract_mongo_shard(collection, shard, run, settings.mongo_batch_size, context.log)
+        extract = steps.extract_mongo_shard(collection, shard, run, settings.mongo_keys_per_query, context.log)
     if extract.available:
         context.log.info(f"extract mongo shard {shard.index}: {len(extract.clients)} documents, {len(extract.elements)} creditor elements")
     return extract
