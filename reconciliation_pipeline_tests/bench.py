@@ -632,6 +632,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--outbox", type=int, default=None, help="pending outbox messages (default emails/200)")
     ap.add_argument("--keys", type=int, default=None, help="idempotency keys (default emails/200)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--name-only", type=float, default=0.0002, help="share of emails that name the client only by name")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-load", action="store_true", help="reuse the data already in recon_bench")
     ap.add_argument("--rowwise-sample", type=int, default=10_000)
@@ -698,6 +699,7 @@ def main(argv: list[str] | None = None) -> int:
         info = datagen.generate(
             engine, mdb, emails=args.emails, clients=args.clients, creditors_per_client=args.creditors,
             drift=args.drift, outbox=outbox, keys=keys, window_end=window_end, seed=args.seed, progress=say,
+            name_only=args.name_only,
         )
         info["drift"] = args.drift
         dataset_file.write_text(json.dumps(_jsonable(info), indent=1))
