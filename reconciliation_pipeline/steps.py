@@ -27,6 +27,7 @@ from reconciliation_pipeline.store import mongo as mongo_store
 from reconciliation_pipeline.store import postgres as pg
 
 Logger = logging.Logger | Any  # Dagster's DagsterLogManager has the same interface
+IN_FLIGHT = "write sent, not verified: the run ended before the read-back"
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,9 @@ HELD_BACK = "held back: an older message of the same aggregate failed in this ru
 
 
 def _deliver_batch(
-    collection: Collection, messages: list[Mapping[str, Any]], requests: Mapping[int, DeliveryRequest], batch_size: int
-) -> tuple[dict[int, core_repair.Outcome], dict[int, str]]:
+    collection: Collection, messages: list[Mapping[str, Any]], requests: Mapping[int, DeliveryRequest], batch_size: int,
+    record_intent: Callable[[list[int]], dict[int, int]],
+) -> tuple[dict[int, core_repair.Outcome], dict[int, str], dict[int, int]]:
     """Match each message to its client's creditor and write them with the shared CAS writer."""
     frame = _request_frame(messages, requests)
     try:
@@ -107,7 +109,7 @@ def _deliver_batch(
         )
     except ConnectionFailure as exc:  # nothing written: every message waits for the next run
         lost = core_repair.Outcome(core_repair.REPAIR_FAILED, error=f"MongoDB unreachable: {type(exc).__name__}", connection_lost=True)
-        return {m["id"]: lost for m in messages}, {}
+        return {m["id"]: lost for m in messages}, {}, {}
     clients, elements = prepare_clients(docs)
     matched = core_diff.match(frame.assign(in_window=True), clients, elements)[0].set_index("email_id")
     by_id = {str(d["_id"]): d for d in docs}
@@ -137,8 +139,9 @@ def _deliver_batch(
                 response_text=request.response_text, reference_numbers=request.reference_numbers,
             )
         )
+    intent = record_intent([u.key for us in updates.values() for u in us]) if updates else {}
     outcomes = mongo_store.write_updates(collection, by_id, updates, batch_size) if updates else {}
-    return outcomes, failures
+    return outcomes, failures, intent
 
 
 def retry_outbox(
@@ -198,8 +201,15 @@ def _deliver_pending(
                         continue
                     requests[m["id"]] = request
                     deliverable.append(m)
-                outcomes, failures = (
-                    _deliver_batch(collection, deliverable, requests, mongo_batch_size) if deliverable else ({}, {})
+                def record_intent(mids: list[int]) -> dict[int, int]:
+                    # audit rows before the write, so that a run killed before its commit leaves a record
+                    by_mid = {m["id"]: m for m in deliverable}
+                    rows = [_outbox_audit(ctx, by_mid[mid], requests[mid], core_repair.REPAIR_FAILED, IN_FLIGHT) for mid in mids]
+                    return dict(zip(mids, pg.insert_findings(engine, rows, returning_ids=True)))
+
+                outcomes, failures, intent = (
+                    _deliver_batch(collection, deliverable, requests, mongo_batch_size, record_intent)
+                    if deliverable else ({}, {}, {})
                 )
                 if outcomes:
                     faults.checkpoint("after_outbox_mongo_write")
@@ -235,7 +245,12 @@ def _deliver_pending(
                     audit.append(_outbox_audit(ctx, m, requests[mid], core_repair.REPAIR_FAILED, error, outcome))
                 if delivered:
                     pg.mark_delivered(conn, delivered, delivered_emails)
-            pg.insert_findings(engine, audit)
+            pg.insert_findings(engine, [a for a in audit if a["outbox_message_id"] not in intent])
+            pg.update_finding_outcomes(engine, [
+                {"finding_id": intent[a["outbox_message_id"]], "action": a["action"], "error": a["error"],
+                 "after": a["mongo_amount_cents_after"], "before": a["mongo_amount_cents_before"]}
+                for a in audit if a["outbox_message_id"] in intent
+            ])
             log.info(
                 f"outbox: {len(seen)} claimed so far, {result.succeeded} delivered, {result.failed} failed, "
                 f"{result.deferred} deferred"
@@ -420,9 +435,6 @@ def _updates_from_findings(findings: pd.DataFrame) -> dict[str, list[core_repair
     return updates
 
 
-IN_FLIGHT = "write sent, not verified: the run ended before the read-back"
-
-
 def repair(
     engine: Engine, collection_factory: Callable[[], Any], diff: DiffResult, ctx: RunContext,
     max_repairs: int, lock_wait_seconds: int, batch_size: int, log: Logger,
@@ -486,7 +498,7 @@ def _write_repairs(
             findings.loc[key, "error"] = outcome.error
             findings.loc[key, "mongo_amount_cents_after"] = outcome.after_cents
         pg.update_finding_outcomes(engine, [
-            {"finding_id": audit_ids[key], "action": o.action, "error": o.error, "after": o.after_cents}
+            {"finding_id": audit_ids[key], "action": o.action, "error": o.error, "after": o.after_cents, "before": o.before_cents}
             for key, o in outcomes.items()
         ])
     actions = findings.loc[repairable, "action"].value_counts().to_dict()

@@ -267,7 +267,10 @@ def update_finding_outcomes(engine: Engine, outcomes: Sequence[Mapping[str, Any]
     stmt = (
         reconciliation_findings.update()
         .where(reconciliation_findings.c.id == sa.bindparam("finding_id"))
-        .values(action=sa.bindparam("action"), error=sa.bindparam("error"), mongo_amount_cents_after=sa.bindparam("after"))
+        .values(
+            action=sa.bindparam("action"), error=sa.bindparam("error"), mongo_amount_cents_after=sa.bindparam("after"),
+            mongo_amount_cents_before=sa.func.coalesce(sa.bindparam("before", type_=sa.BigInteger), reconciliation_findings.c.mongo_amount_cents_before),
+        )
     )
     with engine.begin() as conn:
         conn.execute(stmt, list(outcomes))
