@@ -294,6 +294,17 @@ def _command_listener(counts: dict[str, Counter], state: dict[str, str], updates
     return Listener()
 
 
+def _settings_default(name: str, fallback: int) -> int:
+    """The default of a ReconciliationSettings field (what the op passes), else `fallback`."""
+    try:
+        from reconciliation_pipeline.resources import ReconciliationSettings
+
+        field = ReconciliationSettings.model_fields.get(name)
+        return int(field.default) if field is not None and isinstance(field.default, int) else fallback
+    except Exception:  # noqa: BLE001 - an older or newer settings class
+        return fallback
+
+
 def child_run(args: argparse.Namespace) -> int:
     """Run one reconciliation's steps in order, timing each; write the figures to args.child_out."""
     sampler = _RssSampler()
@@ -363,8 +374,9 @@ def child_run(args: argparse.Namespace) -> int:
         outbox = steps.retry_outbox(engine, collection_factory, True, ctx, args.outbox_batch, args.mongo_batch, log)
     with step("extract_postgres"):
         emails = steps.extract_postgres(engine, ctx, log)
+    keys_per_query = args.mongo_keys_per_query or _settings_default("mongo_keys_per_query", args.mongo_batch)
     with step("extract_mongo"):
-        mongo = steps.extract_mongo(collection, emails, ctx, args.mongo_batch, log)
+        mongo = steps.extract_mongo(collection, emails, ctx, keys_per_query, log)
     with step("diff"):
         found = steps.diff(emails, mongo, ctx, 0, False, log)
     with step("repair"):
@@ -402,6 +414,7 @@ def child_run(args: argparse.Namespace) -> int:
         "import_seconds": import_seconds,
         "steps": timings,
         "cpu": cpu,
+        "mongo_keys_per_query": keys_per_query,
         "total_seconds": total,
         "profiled": bool(args.profiled),
         "rss_after_import": rss_after_import,
@@ -448,7 +461,8 @@ def run_pipeline(args: argparse.Namespace, pg_url: str, start: datetime, end: da
         "--window-start", start.isoformat(), "--window-end", end.isoformat(), "--label", label,
         "--diff-repeats", str(args.repeats), "--max-repairs", str(args.max_repairs),
         "--mongo-batch", str(args.mongo_batch), "--outbox-batch", str(args.outbox_batch),
-    ] + (["--verbose"] if args.verbose else [])
+    ] + (["--mongo-keys-per-query", str(args.mongo_keys_per_query)] if args.mongo_keys_per_query else [])
+    cmd += ["--verbose"] if args.verbose else []
     if profile_out is not None:
         cmd.append("--profiled")
         py_spy = Path(sys.executable).parent / "py-spy"
@@ -642,6 +656,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-repairs", type=int, default=10_000_000)
     ap.add_argument("--mongo-batch", type=int, default=500, help="the pipeline's mongo_batch_size (its default)")
     ap.add_argument("--outbox-batch", type=int, default=200, help="the pipeline's outbox_batch_size (its default)")
+    ap.add_argument("--mongo-keys-per-query", type=int, default=None,
+                    help="aktenzeichen per $in read in extract_mongo (default: the settings' mongo_keys_per_query, else --mongo-batch)")
     ap.add_argument("--verbose", action="store_true", help="the pipeline's own log lines on stderr")
     # internal: the pipeline subprocess
     ap.add_argument("--child-run", action="store_true", help=argparse.SUPPRESS)
