@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
@@ -21,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
+
+from reconciliation_pipeline_tests.fault_support import scratch_database
 
 REPO = Path(__file__).resolve().parent.parent
 DEFS_MODULE = "reconciliation_pipeline.definitions"
@@ -127,17 +127,8 @@ def dagster_storage_database(pg_url: str) -> Iterator[str]:
     Yields a `postgresql+psycopg2://` URL: dagster-postgres' LISTEN/NOTIFY watcher breaks on
     psycopg 3 (what a plain postgresql:// URL picks under SQLAlchemy 2.1).
     """
-    base = make_url(pg_url)
-    name = f"dagster_e2e_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(base.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield base.set(drivername="postgresql+psycopg2", database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with scratch_database(pg_url, prefix="dagster_e2e") as url:
+        yield url
 
 
 # --------------------------------------------------------------------------------------- processes

@@ -17,14 +17,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
-from sqlalchemy.engine import make_url
+
+from reconciliation_pipeline_tests.fault_support import scratch_database
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts" / "browser"
@@ -73,19 +72,8 @@ def dagster_storage_database(service_env: Mapping[str, str]) -> Iterator[str]:
     `postgresql+psycopg2://` URL: dagster-postgres' LISTEN/NOTIFY watcher breaks on psycopg 3.
     """
     source = service_env.get("DAGSTER_POSTGRES_URL") or service_env["RECON_POSTGRES_URL"]
-    base = make_url(source).set(drivername="postgresql+psycopg2")
-    name = f"dagster_ui_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(base.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-        try:
-            yield base.set(database=name).render_as_string(hide_password=False)
-        finally:
-            with admin.connect() as conn:
-                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
+    with scratch_database(source, prefix="dagster_ui") as url:
+        yield url
 
 
 def write_dagster_home(home: Path) -> Path:
