@@ -81,48 +81,39 @@ def extract_postgres(
         return steps.extract_postgres(engine, run, context.log)
 
 
-@dg.op(out=dg.DynamicOut(steps.MongoShard))
-def plan_mongo_shards(context: dg.OpExecutionContext, emails: pd.DataFrame, settings: ReconciliationSettings):
-    """Split the window's MongoDB lookups into `settings.mongo_shards` slices read by parallel ops."""
-    for shard in steps.plan_mongo_shards(emails, settings.mongo_shards):
-        context.log.info(f"shard {shard.index}: {len(shard.aktenzeichen)} aktenzeichen, {len(shard.last_names)} last names")
+@dg.op(out=dg.DynamicOut(steps.MongoShard), retry_policy=READ_RETRY)
+def route_emails(context: dg.OpExecutionContext, emails: pd.DataFrame, mongo: MongoResource, settings: ReconciliationSettings):
+    """Route each email to its client's aktenzeichen (name lookup if it has none) and split into shards."""
+    if not mongo.is_available():
+        context.log.warning("route: MongoDB unreachable; comparison and repair skipped")
+        shards = [steps.MongoShard(0, 1, emails.iloc[:0], (), available=False, error="MongoDB unreachable")]
+    else:
+        with mongo.get_clients_collection() as collection:
+            shards = steps.route_emails(
+                collection, emails, settings.mongo_shards, settings.mongo_keys_per_query, settings.mongo_full_scan_ratio, context.log
+            )
+    for shard in shards:
+        context.log.info(f"shard {shard.index}: {len(shard.emails)} emails, {len(shard.aktenzeichen)} aktenzeichen")
         yield dg.DynamicOutput(shard, mapping_key=f"shard_{shard.index}")
 
 
 @dg.op(retry_policy=READ_RETRY)
-def extract_mongo(
+def compare_shard(
     context: dg.OpExecutionContext, run: steps.RunContext, shard: steps.MongoShard, mongo: MongoResource,
     settings: ReconciliationSettings,
-) -> steps.MongoExtract:
-    """Read one shard's client documents from MongoDB in batches, projected to compared fields."""
-    if not mongo.is_available():
-        context.log.warning("extract mongo: MongoDB unreachable; comparison and repair skipped")
-        return steps.MongoExtract(available=False, error="MongoDB unreachable")
-    with mongo.get_clients_collection() as collection:
-        extract = steps.extract_mongo_shard(collection, shard, run, settings.mongo_keys_per_query, context.log)
-    if extract.available:
-        context.log.info(f"extract mongo shard {shard.index}: {len(extract.clients)} documents, {len(extract.elements)} creditor elements")
-    return extract
-
-
-@dg.op
-def merge_mongo_extracts(context: dg.OpExecutionContext, extracts: list) -> steps.MongoExtract:
-    """Combine the shards' MongoDB extracts (a document found twice counts once)."""
-    merged = steps.merge_mongo_extracts(extracts)
-    if merged.available:
-        context.log.info(f"extract mongo: {len(merged.clients)} client documents, {len(merged.elements)} creditor elements")
-    return merged
-
-
-@dg.op
-def diff_amounts(
-    context: dg.OpExecutionContext, run: steps.RunContext, emails: pd.DataFrame, mongo_extract: steps.MongoExtract,
-    settings: ReconciliationSettings,
 ) -> steps.DiffResult:
-    """Match emails to clients and creditors and diff the amounts in cents (pandas, vectorised)."""
-    return steps.diff(
-        emails, mongo_extract, run, settings.amount_tolerance_cents, settings.repair_low_confidence, context.log
-    )
+    """Read one shard's client documents in batches and diff each against its emails (pandas, vectorised)."""
+    options = steps.diff_options(run, settings.amount_tolerance_cents, settings.repair_low_confidence)
+    with mongo.get_clients_collection() as collection:
+        return steps.compare_shard(collection, shard, run, options, settings.mongo_keys_per_query, context.log)
+
+
+@dg.op
+def merge_diffs(context: dg.OpExecutionContext, results: list) -> steps.DiffResult:
+    """Combine the shards' findings into the run's diff."""
+    merged = steps.merge_diffs(results)
+    context.log.info(f"diff: {merged.records_checked} pairs compared, {len(merged.findings)} findings")
+    return merged
 
 
 @dg.op(pool=MONGO_WRITER_POOL)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from pymongo.collection import Collection
 from pymongo.errors import ConnectionFailure, PyMongoError
@@ -20,8 +21,8 @@ from sqlalchemy.engine import Engine
 from reconciliation_pipeline import faults
 from reconciliation_pipeline.core import diff as core_diff
 from reconciliation_pipeline.core import repair as core_repair
-from reconciliation_pipeline.core.frames import add_email_keys, prepare_clients, prepare_emails
-from reconciliation_pipeline.core.keys import last_name_patterns
+from reconciliation_pipeline.core.frames import add_email_keys, prepare_clients, prepare_emails, share_strings
+from reconciliation_pipeline.core.keys import last_name_patterns, route_key
 from reconciliation_pipeline.core.outbox import DeliveryRequest, parse_payload
 from reconciliation_pipeline.store import mongo as mongo_store
 from reconciliation_pipeline.store import postgres as pg
@@ -295,93 +296,21 @@ def _prepared(chunks: Any, log: Logger, what: str) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else prepare_emails(pd.DataFrame())
 
 
-def extract_postgres(engine: Engine, ctx: RunContext, log: Logger, chunk_rows: int = 50_000) -> pd.DataFrame:
-    """The window's synced emails plus the later/related ones, parsed into comparison keys."""
-    window = _prepared(pg.stream_window_emails(engine, ctx.window_start, ctx.window_end, chunk_rows), log, "window")
+def extract_postgres(engine: Engine, ctx: RunContext, log: Logger, chunk_rows: int = 100_000) -> pd.DataFrame:
+    """The window's synced emails plus the later/related ones, parsed into narrow comparison frames."""
+    window = _prepared(pg.copy_window_emails(engine, ctx.window_start, ctx.window_end, chunk_rows), log, "window")
     if window.empty:
         log.info("extract postgres: no synced emails with a debt_amount in the window")
         return window
     senders = sorted(window["from_email_key"].dropna().unique())
     min_received = window["received_at"].min().to_pydatetime()
     related = _prepared(
-        pg.stream_related_emails(engine, ctx.window_start, ctx.window_end, senders, min_received, chunk_rows), log, "related"
+        pg.copy_related_emails(engine, ctx.window_start, ctx.window_end, senders, min_received, chunk_rows), log, "related"
     )
-    emails = pd.concat([window, related], ignore_index=True) if len(related) else window
+    emails = share_strings(pd.concat([window, related], ignore_index=True) if len(related) else window)
     log.info(f"extract postgres: {len(window)} emails in the window, {len(related)} related emails")
     return emails
 
-
-@dataclass
-class MongoExtract:
-    """The client documents the window needs, as frames; `available` False when MongoDB was down."""
-
-    available: bool
-    clients: pd.DataFrame = field(default_factory=pd.DataFrame)
-    elements: pd.DataFrame = field(default_factory=pd.DataFrame)
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class MongoShard:
-    """The lookup keys one extract op reads from MongoDB (a hash slice of the window's keys)."""
-
-    index: int
-    count: int
-    aktenzeichen: tuple[str, ...]
-    last_names: tuple[str, ...]
-
-
-def _slot(value: str, count: int) -> int:
-    return zlib.crc32(value.encode("utf-8", "surrogatepass")) % count
-
-
-def plan_mongo_shards(emails: pd.DataFrame, count: int) -> list[MongoShard]:
-    """Split the window's MongoDB lookup keys into `count` slices by a stable hash."""
-    window = emails[emails["in_window"]]
-    az = sorted(set(emails["az_key"].dropna()))
-    names = last_name_patterns(window.loc[window["az_key"].isna(), "client_name"])
-    return [
-        MongoShard(i, count, tuple(a for a in az if _slot(a, count) == i), tuple(n for n in names if _slot(n.casefold(), count) == i))
-        for i in range(count)
-    ]
-
-
-def extract_mongo_shard(collection: Collection, shard: MongoShard, ctx: RunContext, batch_size: int, log: Logger) -> MongoExtract:
-    """The client documents of one shard's keys; shard 0 also reads those answered in the window."""
-    try:
-        batches = mongo_store.iter_client_batches(
-            collection, shard.aktenzeichen, shard.last_names, batch_size, _progress(log, f"extract mongo shard {shard.index}")
-        )
-        parts = [prepare_clients(batch) for batch in batches]  # documents become narrow frames per batch
-        if shard.index == 0:
-            parts.append(prepare_clients(mongo_store.fetch_answered_in_window(collection, ctx.window_start, ctx.window_end)))
-    except ConnectionFailure as exc:
-        log.warning(f"extract mongo: MongoDB unreachable ({type(exc).__name__}); comparison skipped")
-        return MongoExtract(available=False, error=f"MongoDB unreachable: {type(exc).__name__}")
-    return merge_mongo_extracts([MongoExtract(True, c, e) for c, e in parts] or [MongoExtract(True, *prepare_clients([]))])
-
-
-def merge_mongo_extracts(extracts: list[MongoExtract]) -> MongoExtract:
-    """One extract from several (a document found by aktenzeichen and by name counts once)."""
-    down = [e for e in extracts if not e.available]
-    if down:
-        return down[0]
-    clients = pd.concat([e.clients for e in extracts], ignore_index=True).drop_duplicates("client_id", ignore_index=True)
-    elements = pd.concat([e.elements for e in extracts], ignore_index=True)
-    elements = elements[~elements.duplicated(["client_id", "pos"])].reset_index(drop=True)
-    return MongoExtract(available=True, clients=clients, elements=elements)
-
-
-def extract_mongo(collection: Collection, emails: pd.DataFrame, ctx: RunContext, batch_size: int, log: Logger) -> MongoExtract:
-    """Client documents the window's emails refer to, plus those with creditor answers in the window."""
-    [shard] = plan_mongo_shards(emails, 1)
-    extract = extract_mongo_shard(collection, shard, ctx, batch_size, log)
-    if extract.available:
-        log.info(f"extract mongo: {len(extract.clients)} client documents, {len(extract.elements)} creditor elements")
-    return extract
-
-
-# --- 3. diff --------------------------------------------------------------------------------------
 
 @dataclass
 class DiffResult:
@@ -393,16 +322,158 @@ class DiffResult:
     note: str | None = None
 
 
-def diff(emails: pd.DataFrame, mongo: MongoExtract, ctx: RunContext, tolerance_cents: int, repair_low_confidence: bool, log: Logger) -> DiffResult:
-    """The findings of the window and the number of pairs compared."""
-    if not mongo.available:
-        log.warning("diff: skipped, MongoDB unreachable")
-        return DiffResult(pd.DataFrame(columns=core_diff.FINDING_COLUMNS), 0, False, mongo.error)
-    options = core_diff.DiffOptions(ctx.window_start, ctx.window_end, tolerance_cents, repair_low_confidence)
-    findings, checked = core_diff.diff(emails, mongo.clients, mongo.elements, options)
-    counts = findings["kind"].value_counts().to_dict() if len(findings) else {}
-    log.info(f"diff: {checked} pairs compared, {len(findings)} findings ({_counts(counts)})")
-    return DiffResult(findings, checked, True)
+@dataclass
+class MongoShard:
+    """One slice of the comparison: the emails routed to it and the aktenzeichen whose documents it reads.
+
+    Every email is routed to an aktenzeichen (its own, or that of the one client its name matches)
+    and each aktenzeichen to one shard by a stable hash, so a client's emails and documents always
+    meet in the same batch. Emails without a route and the documents found by name go to shard 0.
+    """
+
+    index: int
+    count: int
+    emails: pd.DataFrame
+    aktenzeichen: tuple[str, ...]
+    named_documents: list = field(default_factory=list)
+    full_scan: bool = False
+    available: bool = True
+    error: str | None = None
+
+
+def _slot(value: str, count: int) -> int:
+    return zlib.crc32(value.encode("utf-8", "surrogatepass")) % count
+
+
+def route_emails(
+    collection: Collection, emails: pd.DataFrame, count: int, batch_size: int, full_scan_ratio: float, log: Logger
+) -> list[MongoShard]:
+    """Route every email to a client document's key and split the window into `count` shards by its hash.
+
+    An email's route is its aktenzeichen; one without is looked up by last name first and, if
+    exactly one client matches, goes with that client's key (keys.route_key). Unrouted emails and
+    the documents found by name go to shard 0, so a client never lands in two batches.
+    """
+    emails = emails.assign(route=emails["az_key"].astype(object).where(emails["az_key"].notna(), None))
+    named = emails[emails["az_key"].isna() & emails["az_reason"].isna() & emails["client_name"].notna()]
+    named_docs: list = []
+    try:
+        if len(named):
+            named_docs = mongo_store.fetch_clients(collection, (), last_name_patterns(named["client_name"]), batch_size)
+            clients, _ = prepare_clients(named_docs)
+            clients["route"] = [route_key(a, c) for a, c in zip(clients["aktenzeichen"], clients["client_id"])]
+            found = core_diff.match_clients(named, clients)
+            found = found[found["client_status"] == "matched"].merge(clients[["client_id", "route"]], on="client_id")
+            by_email = found.set_index("email_id")["route"]
+            hit = emails["email_id"].isin(by_email.index)
+            emails.loc[hit, "route"] = emails.loc[hit, "email_id"].map(by_email)
+            log.info(f"route: {len(named)} emails without aktenzeichen, {len(found)} matched by name, {len(named_docs)} documents")
+        documents = collection.estimated_document_count() if count == 1 and full_scan_ratio <= 1 else 0
+    except ConnectionFailure as exc:
+        log.warning(f"route: MongoDB unreachable ({type(exc).__name__}); comparison skipped")
+        return [MongoShard(0, 1, emails.iloc[:0], (), available=False, error=f"MongoDB unreachable: {type(exc).__name__}")]
+    slots = np.fromiter((_route_slot(r, count) for r in emails["route"]), dtype=np.int64, count=len(emails))
+    keys = sorted({r for r in emails["route"] if r is not None and not r.startswith("\x00")})
+    full_scan = count == 1 and documents > 0 and len(keys) >= full_scan_ratio * documents
+    if full_scan:
+        log.info(f"route: the window names {len(keys)} of about {documents} client documents: one sorted pass over the collection")
+    return [
+        MongoShard(i, count, emails[slots == i].reset_index(drop=True), tuple(k for k in keys if _route_slot(k, count) == i),
+                   named_docs if i == 0 else [], full_scan)
+        for i in range(count)
+    ]
+
+
+def _route_slot(route: str | None, count: int) -> int:
+    # unrouted emails and documents without a usable aktenzeichen belong to shard 0
+    return 0 if count == 1 or route is None or route.startswith("\x00") else _slot(route, count)
+
+
+def compare_shard(collection: Collection, shard: MongoShard, ctx: RunContext, options: core_diff.DiffOptions, batch_size: int, log: Logger) -> DiffResult:
+    """Read one shard's client documents in batches and diff each batch against the emails routed to it.
+
+    Memory stays bounded by the batch: its documents become narrow frames, are compared with their
+    emails, and only the findings are kept. Each document's unclaimed answers (extra_in_mongo) are
+    judged once, by the batch that owns the document.
+    """
+    if not shard.available:
+        return DiffResult(pd.DataFrame(columns=core_diff.FINDING_COLUMNS), 0, False, shard.error)
+    emails, routes = shard.emails, shard.emails["route"]
+    parts: list[pd.DataFrame] = []
+    checked = 0
+    seen: set[str] = set()  # documents whose extras have been judged
+    routed: set[str] = set()
+
+    def compare(docs: list, batch_emails: pd.DataFrame, owned: set[str] | None = None) -> None:
+        nonlocal checked
+        clients, elements = prepare_clients(docs)
+        findings, n = core_diff.diff(batch_emails, clients, elements, options)
+        if owned is not None:
+            findings = findings[(findings["kind"] != core_diff.EXTRA_IN_MONGO) | findings["client_id"].isin(owned)]
+        parts.append(findings)
+        checked += n
+        seen.update(clients["client_id"] if owned is None else owned)
+
+    try:
+        if shard.full_scan:
+            batches = mongo_store.iter_all_clients(collection, batch_size)
+        else:
+            batches = mongo_store.iter_clients_by_aktenzeichen(collection, shard.aktenzeichen, batch_size)
+        batches = mongo_store.prefetched(batches)
+        total = max(1, -(-len(shard.aktenzeichen) // batch_size))
+        progress = _progress(log, f"compare shard {shard.index}")
+        for done, (keys, docs) in enumerate(batches, start=1):
+            routed.update(keys)
+            compare(docs, emails[routes.isin(keys)])
+            progress(min(done, total), total)
+        # unrouted emails, emails naming an aktenzeichen no document has, and the documents found by name
+        rest = emails[~routes.isin(routed)]
+        if len(rest) or shard.named_documents:
+            if shard.full_scan:
+                owned: set[str] = set()
+            else:
+                owned = {str(d["_id"]) for d in shard.named_documents if route_key(d.get("aktenzeichen"), str(d["_id"])).startswith("\x00")}
+            compare(shard.named_documents, rest, owned - seen)
+        if not shard.full_scan:  # documents with an answer in the window that no email of the window names
+            unseen = [
+                d["_id"] for d in mongo_store.iter_answered_since(collection, ctx.window_start)
+                if str(d["_id"]) not in seen and _route_slot(route_key(d.get("aktenzeichen"), str(d["_id"])), shard.count) == shard.index
+            ]
+            for docs in mongo_store.iter_by_ids(collection, unseen, batch_size):
+                compare(docs, emails.iloc[:0])
+    except ConnectionFailure as exc:
+        log.warning(f"compare: MongoDB unreachable ({type(exc).__name__}); comparison skipped")
+        return DiffResult(pd.DataFrame(columns=core_diff.FINDING_COLUMNS), 0, False, f"MongoDB unreachable: {type(exc).__name__}")
+    result = merge_diffs([DiffResult(f, 0, True) for f in parts])
+    result.records_checked = checked
+    counts = result.findings["kind"].value_counts().to_dict() if len(result.findings) else {}
+    log.info(f"compare shard {shard.index}: {len(seen)} client documents, {checked} pairs compared, "
+             f"{len(result.findings)} findings ({_counts(counts)})")
+    return result
+
+
+def merge_diffs(results: list[DiffResult]) -> DiffResult:
+    """One result from the shards' results (any shard without MongoDB makes the comparison skipped)."""
+    down = [r for r in results if not r.mongo_available]
+    if down:
+        return DiffResult(pd.DataFrame(columns=core_diff.FINDING_COLUMNS), 0, False, down[0].note)
+    frames = [r.findings for r in results if len(r.findings)]
+    findings = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=core_diff.FINDING_COLUMNS)
+    return DiffResult(findings, sum(r.records_checked for r in results), True)
+
+
+def compare(
+    collection: Collection, emails: pd.DataFrame, ctx: RunContext, options: core_diff.DiffOptions,
+    batch_size: int, log: Logger, shards: int = 1, full_scan_ratio: float = 0.5,
+) -> DiffResult:
+    """Route, then compare every shard in this process (the ops run the shards in parallel)."""
+    routed = route_emails(collection, emails, shards, batch_size, full_scan_ratio, log)
+    return merge_diffs([compare_shard(collection, shard, ctx, options, batch_size, log) for shard in routed])
+
+
+def diff_options(ctx: RunContext, tolerance_cents: int, repair_low_confidence: bool) -> core_diff.DiffOptions:
+    """The diff's options for this run's window."""
+    return core_diff.DiffOptions(ctx.window_start, ctx.window_end, tolerance_cents, repair_low_confidence)
 
 
 # --- 4. repair ------------------------------------------------------------------------------------

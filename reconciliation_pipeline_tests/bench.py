@@ -10,8 +10,10 @@ MongoDB database `recon_bench` (on RECON_MONGO_URI). Side by side, in one run:
    (PostgreSQL `COPY (<the window query>) TO STDOUT`; MongoDB a projected `find` of the clients the
    window's emails name, cursor batch size 1000);
 2. the pipeline's own steps (`reconciliation_pipeline.steps`, not through Dagster) for a window
-   covering every row, in a fresh subprocess (so its peak RSS is the pipeline's), step by step;
-3. the diff core alone (`core.diff.diff`) on the prepared frames: pairs per second;
+   covering every row, in a fresh subprocess (so its peak RSS is the pipeline's), step by step
+   (`compare` reads the client documents in batches and diffs each batch as it arrives);
+3. the diff core alone (`core.diff.diff`) on in-memory frames of all the window's documents at
+   once (prepared after the run, outside its timing and peak RSS): pairs per second;
 4. the row-by-row approach of the original plan (one `find_one` per email, Python comparison) on a
    sample, extrapolated;
 5. a second run with no drift left, which must write nothing to MongoDB.
@@ -305,6 +307,15 @@ def _settings_default(name: str, fallback: int) -> int:
         return fallback
 
 
+def _settings_default_float(name: str, fallback: float) -> float:
+    try:
+        from reconciliation_pipeline.resources import ReconciliationSettings
+
+        return float(ReconciliationSettings.model_fields[name].default)
+    except Exception:  # noqa: BLE001 - an older settings class
+        return fallback
+
+
 def child_run(args: argparse.Namespace) -> int:
     """Run one reconciliation's steps in order, timing each; write the figures to args.child_out."""
     sampler = _RssSampler()
@@ -375,10 +386,12 @@ def child_run(args: argparse.Namespace) -> int:
     with step("extract_postgres"):
         emails = steps.extract_postgres(engine, ctx, log)
     keys_per_query = args.mongo_keys_per_query or _settings_default("mongo_keys_per_query", args.mongo_batch)
-    with step("extract_mongo"):
-        mongo = steps.extract_mongo(collection, emails, ctx, keys_per_query, log)
-    with step("diff"):
-        found = steps.diff(emails, mongo, ctx, 0, False, log)
+    options = steps.diff_options(ctx, 0, False)
+    with step("route_emails"):
+        shards = steps.route_emails(collection, emails, args.shards, keys_per_query, args.full_scan_ratio, log)
+    with step("compare"):
+        found = steps.merge_diffs([steps.compare_shard(collection, shard, ctx, options, keys_per_query, log) for shard in shards])
+    del shards
     with step("repair"):
         repaired = steps.repair(engine, collection_factory, found, ctx, args.max_repairs, 5, args.mongo_batch, log)
     with step("audit_insert"):
@@ -400,12 +413,20 @@ def child_run(args: argparse.Namespace) -> int:
     sampler.label = "diff_core"
     state["step"] = "diff_core"
 
-    # the diff core alone, on the frames the run prepared
-    options = core_diff.DiffOptions(start, end, 0, False)
+    # the diff core alone, on in-memory frames of every client document the window names (prepared
+    # here, after the run's peak RSS was taken: the run itself never holds them all at once)
+    from reconciliation_pipeline.core.frames import prepare_clients
+    from reconciliation_pipeline.store import mongo as mongo_store
+
+    docs = []
+    for _keys, batch in mongo_store.iter_all_clients(collection, 10_000):
+        docs += batch
+    core_clients, core_elements = prepare_clients(docs)
+    del docs
     core_times = []
     for _ in range(max(1, args.diff_repeats)):
         t = time.perf_counter()
-        _, checked = core_diff.diff(emails, mongo.clients, mongo.elements, options)
+        _, checked = core_diff.diff(emails, core_clients, core_elements, options)
         core_times.append(time.perf_counter() - t)
         if core_times[0] > 30:  # repeat only while cheap
             break
@@ -430,7 +451,7 @@ def child_run(args: argparse.Namespace) -> int:
         "sampled_peak_rss_per_step": dict(sampler.peaks),
         "rows": {
             "emails_read": int(len(emails)), "emails_in_window": int(emails["in_window"].sum()),
-            "client_documents": int(len(mongo.clients)), "creditor_elements": int(len(mongo.elements)),
+            "client_documents": int(len(core_clients)), "creditor_elements": int(len(core_elements)),
             "records_checked": int(found.records_checked),
         },
         "findings_by_kind": {k: int(v) for k, v in findings["kind"].value_counts().items()} if len(findings) else {},
@@ -449,7 +470,7 @@ def child_run(args: argparse.Namespace) -> int:
         },
         "outbox_writes": {"update_statements": len(outbox_updates), "distinct_clients": len({u["id"] for u in outbox_updates})},
         "diff_core": {"seconds": core_times, "median_seconds": _median(core_times), "pairs": int(checked),
-                      "email_rows": int(len(emails)), "elements": int(len(mongo.elements)),
+                      "email_rows": int(len(emails)), "elements": int(len(core_elements)),
                       "pairs_per_second": checked / _median(core_times) if core_times else None,
                       "email_rows_per_second": len(emails) / _median(core_times) if core_times else None},
     }
@@ -468,6 +489,7 @@ def run_pipeline(args: argparse.Namespace, pg_url: str, start: datetime, end: da
         "--window-start", start.isoformat(), "--window-end", end.isoformat(), "--label", label,
         "--diff-repeats", str(args.repeats), "--max-repairs", str(args.max_repairs),
         "--mongo-batch", str(args.mongo_batch), "--outbox-batch", str(args.outbox_batch),
+        "--shards", str(args.shards), "--full-scan-ratio", str(args.full_scan_ratio),
     ] + (["--mongo-keys-per-query", str(args.mongo_keys_per_query)] if args.mongo_keys_per_query else [])
     cmd += ["--verbose"] if args.verbose else []
     if profile_out is not None:
@@ -566,17 +588,18 @@ def print_table(res: dict[str, Any]) -> None:
             note = ""
             if name == "extract_postgres":
                 note = f"{sec / fpg:.2f}x the PostgreSQL floor, {p['rows']['emails_read']:,} rows"
-            elif name == "extract_mongo":
-                cmds = p["mongo_commands"].get("extract_mongo", {})
-                note = (f"{sec / fmo:.2f}x the MongoDB floor, {p['rows']['client_documents']:,} documents, "
-                        f"{cmds.get('find', 0)} find + {cmds.get('getMore', 0)} getMore")
+            elif name == "compare":
+                cmds = p["mongo_commands"].get("compare", {})
+                note = (f"{sec / fmo:.2f}x the MongoDB floor; {cmds.get('find', 0)} find + {cmds.get('getMore', 0)} getMore; "
+                        f"{p['rows']['records_checked']:,} pairs, {sum(p['findings_by_kind'].values()):,} findings")
+            elif name == "route_emails":
+                cmds = p["mongo_commands"].get("route_emails", {})
+                note = f"name lookups for emails without aktenzeichen: {cmds.get('find', 0)} find + {cmds.get('getMore', 0)} getMore"
             elif name == "retry_outbox":
                 note = f"{p['outbox']['succeeded']} delivered, {p['outbox']['failed']} failed ({p['outbox']['became_dead']} dead)"
             elif name == "repair":
                 rwr = p["repair_writes"]
                 note = f"{p['actions'].get('repaired', 0)} repaired; {rwr['update_statements']} CAS updates in {rwr['bulk_write_commands']} bulk_write"
-            elif name == "diff":
-                note = f"{p['rows']['records_checked']:,} pairs, {sum(p['findings_by_kind'].values()):,} findings"
             elif name == "audit_insert":
                 note = f"{sum(p['findings_by_kind'].values()):,} audit rows"
             share = sec / p["total_seconds"] if p["total_seconds"] else 0
@@ -664,7 +687,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--mongo-batch", type=int, default=500, help="the pipeline's mongo_batch_size (its default)")
     ap.add_argument("--outbox-batch", type=int, default=200, help="the pipeline's outbox_batch_size (its default)")
     ap.add_argument("--mongo-keys-per-query", type=int, default=None,
-                    help="aktenzeichen per $in read in extract_mongo (default: the settings' mongo_keys_per_query, else --mongo-batch)")
+                    help="aktenzeichen per $in read and compare batch (default: the settings' mongo_keys_per_query)")
+    ap.add_argument("--shards", type=int, default=1, help="compare shards, run one after the other here (the settings' mongo_shards)")
+    ap.add_argument("--full-scan-ratio", type=float, default=_settings_default_float("mongo_full_scan_ratio", 0.5),
+                    help="the settings' mongo_full_scan_ratio (above 1: always $in batches)")
     ap.add_argument("--verbose", action="store_true", help="the pipeline's own log lines on stderr")
     # internal: the pipeline subprocess
     ap.add_argument("--child-run", action="store_true", help=argparse.SUPPRESS)

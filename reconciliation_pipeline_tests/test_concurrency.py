@@ -25,14 +25,15 @@ import sqlalchemy as sa
 from pymongo import MongoClient
 
 from reconciliation_pipeline.jobs import reconciliation_job
+from reconciliation_pipeline.ops import MONGO_WRITER_POOL
 from reconciliation_pipeline.resources import MongoResource
 from reconciliation_pipeline.store.postgres import MONGO_WRITER_LOCK
 from reconciliation_pipeline_tests.builders import (
     IN_WINDOW, PARTITION, WINDOW_END, add_client, add_email, add_outbox, creditor, reply,
 )
 from reconciliation_pipeline_tests.fault_support import (
-    REPO, CliProcess, MongoCutProxy, audit_rows, cli_env, execute_args, mongo_port, outbox, pipeline_backends,
-    report_rows, repo_yaml_home, scratch_database, sqlite_home, wait_until, write_config,
+    REPO, CliProcess, MongoCutProxy, audit_rows, cli_env, dagster_bin, execute_args, mongo_port, outbox, pipeline_backends,
+    report_rows, repo_yaml_home, run_cli, scratch_database, sqlite_home, wait_until, write_config,
 )
 
 SPARKASSE = "forderungen@sparkasse-bochum.de"
@@ -104,7 +105,9 @@ def test_two_cli_runs_at_once_repair_each_finding_once_under_the_advisory_lock(p
     reached, gate = threading.Event(), threading.Event()
 
     def hold_the_first_repair_read(name: str, command: dict | None) -> None:
-        if name == "find" and command and "_id" in command.get("filter", {}) and not reached.is_set():
+        # the repair's re-read by _id (the compare step's reads by _id project the names too)
+        repair_read = command and "_id" in command.get("filter", {}) and "firstName" not in command.get("projection", {})
+        if name == "find" and repair_read and not reached.is_set():
             reached.set()
             gate.wait(timeout=150)
 
@@ -162,6 +165,9 @@ def test_two_cli_runs_at_once_with_the_shipped_dagster_yaml(pg, pg_url, mongo_db
         env = cli_env(pg_url=pg_url, mongo_uri=service_env["RECON_MONGO_URI"], mongo_db=mongo_db.name,
                       dagster_home=home, dagster_postgres_url=dagster_pg)
         config = write_config(tmp_path / "run_config.yaml", repair_lock_wait_seconds=180)
+        # the deployment step of the README: two first runs at once would otherwise both create the pool's slots
+        pool = run_cli([*dagster_bin(), "instance", "concurrency", "set", MONGO_WRITER_POOL, "1"], env, tmp_path / "logs", name="pool")
+        assert pool.returncode == 0, pool.describe()
         processes = [CliProcess(execute_args(PARTITION, config), env, tmp_path / "logs", name=f"run{i}") for i in (1, 2)]
         try:
             results = [p.wait(timeout=300) for p in processes]

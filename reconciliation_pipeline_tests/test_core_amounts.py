@@ -283,3 +283,41 @@ def test_lone_separator_with_three_digits_is_ambiguous(head, tail):
         text = f"{head}{sep}{tail:03d}"
         with pytest.raises(InvalidAmount, match="ambiguous"):
             to_cents(text)
+
+
+# --- the vectorised MongoDB path (frames.mongo_amounts) agrees with to_cents value by value ----------
+
+import pandas as pd  # noqa: E402
+
+from reconciliation_pipeline.core.frames import MISSING, mongo_amounts  # noqa: E402
+
+
+def _one(value):
+    missing, cents, reason = mongo_amounts(pd.Series([value, 1.5], dtype=object))  # a second value keeps arrays 1-d
+    return bool(missing[0]), (None if pd.isna(cents.iloc[0]) else int(cents.iloc[0])), reason.iloc[0]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(min_value=0, max_value=1e12),
+    st.decimals(min_value=0, max_value=10**6, places=3).map(float),
+    st.integers(min_value=-(10**13), max_value=10**13),
+    st.booleans(),
+    st.text(max_size=12),
+))
+def test_mongo_amounts_fast_path_equals_try_cents(value):
+    missing, cents, _ = _one(value)
+    assert not missing
+    assert cents == try_cents(value)[0]
+
+
+@pytest.mark.parametrize("value", [0.125, 0.005, 1234.565, 0.1 + 0.2, 1e12, 1e12 + 0.01, -0.0, 0.0, 2**53 / 100])
+def test_mongo_amounts_edge_floats_equal_try_cents(value):
+    assert _one(value)[1] == try_cents(value)[0]
+
+
+@pytest.mark.parametrize("value", [None, MISSING])
+def test_mongo_amounts_missing(value):
+    missing, cents, reason = _one(value)
+    assert missing and cents is None and reason is pd.NA

@@ -6,6 +6,7 @@ import logging
 from contextlib import contextmanager
 from datetime import timedelta
 
+import pandas as pd
 import pytest
 import sqlalchemy as sa
 
@@ -87,9 +88,7 @@ def test_pipeline_steps_find_exactly_the_planted_drift(pg, mongo_db, generated):
 
     emails = steps.extract_postgres(pg, ctx, LOG)
     assert int(emails["in_window"].sum()) == info["emails_regular"]
-    mongo = steps.extract_mongo(mongo_db.clients, emails, ctx, 500, LOG)
-    assert len(mongo.clients) == info["clients"]
-    found = steps.diff(emails, mongo, ctx, 0, False, LOG)
+    found = steps.compare(mongo_db.clients, emails, ctx, steps.diff_options(ctx, 0, False), 500, LOG)
     kinds = found.findings["kind"].value_counts().to_dict()
     assert kinds == {k: n for k, n in info["planted"].items() if n}
     assert found.records_checked == info["expected_records_checked"]
@@ -102,7 +101,7 @@ def test_pipeline_steps_find_exactly_the_planted_drift(pg, mongo_db, generated):
     assert cleaned == {"expired_keys_deleted": info["keys_expired"], "old_outbox_deleted": info["outbox_processed_old"]}
 
     # a second pass finds only what is never repaired automatically
-    again = steps.diff(steps.extract_postgres(pg, ctx, LOG), steps.extract_mongo(mongo_db.clients, emails, ctx, 500, LOG), ctx, 0, False, LOG)
+    again = steps.compare(mongo_db.clients, steps.extract_postgres(pg, ctx, LOG), ctx, steps.diff_options(ctx, 0, False), 500, LOG)
     left = again.findings["kind"].value_counts().to_dict()
     assert left == {k: n for k, n in info["planted"].items() if n and k not in datagen.REPAIRABLE}
     assert not again.findings["repairable"].any()
@@ -111,3 +110,26 @@ def test_pipeline_steps_find_exactly_the_planted_drift(pg, mongo_db, generated):
 def findings_of(engine):
     with engine.connect() as conn:
         return conn.execute(sa.text("SELECT id FROM reconciliation_findings WHERE kind <> 'outbox_delivery'")).all()
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "full_scan_ratio", "shards"),
+    [(1, 2.0, 1), (7, 2.0, 1), (7, 0.0, 1), (13, 0.0, 1), (50, 2.0, 3), (3, 2.0, 2)],
+    ids=["keys-1", "keys-7", "scan-7", "scan-13", "3-shards", "2-shards-3"],
+)
+def test_findings_do_not_depend_on_batches_scan_or_shards(pg, mongo_db, generated, batch_size, full_scan_ratio, shards):
+    """Same findings and pairs whether documents come by `$in` or one sorted pass, in any batch size and shard count."""
+    info = generated
+    ctx = steps.RunContext(0, "batching-test", None, info["window_start"], info["window_end"], True)
+    emails = steps.extract_postgres(pg, ctx, LOG)
+    options = steps.diff_options(ctx, 0, False)
+
+    def keyed(result):
+        f = result.findings[["kind", "email_id", "client_id", "pos", "repairable"]].astype(object)
+        return sorted((tuple(None if pd.isna(v) else v for v in row) for row in f.itertuples(index=False)), key=repr)
+
+    reference = steps.compare(mongo_db.clients, emails, ctx, options, 10_000, LOG, shards=1, full_scan_ratio=2.0)
+    other = steps.compare(mongo_db.clients, emails, ctx, options, batch_size, LOG, shards=shards, full_scan_ratio=full_scan_ratio)
+    assert reference.records_checked > 0 and len(reference.findings) > 0
+    assert other.records_checked == reference.records_checked
+    assert keyed(other) == keyed(reference)

@@ -42,11 +42,9 @@ def test_extract_diff_and_report_ops(resources, pg, mongo_db):
     outbox = steps.OutboxResult()
     emails = ops.extract_postgres(ctx, run, outbox)
     assert isinstance(emails, pd.DataFrame) and emails["in_window"].sum() == 1
-    [shard] = [o.value for o in ops.plan_mongo_shards(ctx, emails)]
-    assert shard.aktenzeichen == ("542900",)
-    extract = ops.merge_mongo_extracts(ctx, [ops.extract_mongo(ctx, run, shard)])
-    assert extract.available and len(extract.clients) == 1
-    diff = ops.diff_amounts(ctx, run, emails, extract)
+    [shard] = [o.value for o in ops.route_emails(ctx, emails)]
+    assert shard.aktenzeichen == ("542900",) and len(shard.emails) == 1
+    diff = ops.merge_diffs(ctx, [ops.compare_shard(ctx, run, shard)])
     assert list(diff.findings["kind"]) == ["data_mismatch"] and diff.records_checked == 1
     repaired = ops.repair_mongo(ctx, run, diff)
     assert list(repaired.findings["action"]) == ["repaired"]

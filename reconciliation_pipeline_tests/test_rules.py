@@ -165,8 +165,7 @@ def test_concurrent_application_write_wins(pg, mongo_db, resources):
     log = _Log()
     emails = steps.extract_postgres(pg, ctx, log)
     with resources["mongo"].get_clients_collection() as collection:
-        extract = steps.extract_mongo(collection, emails, ctx, 100, log)
-    diff = steps.diff(emails, extract, ctx, 0, False, log)
+        diff = steps.compare(collection, emails, ctx, steps.diff_options(ctx, 0, False), 100, log)
     mongo_db.clients.update_one({"aktenzeichen": "542900"}, {"$set": {"final_creditor_list.0.creditor_response_amount": 777.0}}) \
         if False else _application_write(mongo_db, 777.0)
     result = steps.repair(pg, resources["mongo"].get_clients_collection, diff, ctx, 1000, 5, 100, log)
@@ -193,7 +192,7 @@ def test_crash_leaves_a_failed_report(pg, mongo_db, reconcile, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("simulated crash in the diff")
 
-    monkeypatch.setattr(steps, "diff", boom)
+    monkeypatch.setattr(steps, "compare_shard", boom)
     result = reconcile(raise_on_error=False)
     assert not result.success
     [report] = reports(pg)

@@ -48,12 +48,13 @@ class DiffOptions:
 def match_clients(emails: pd.DataFrame, clients: pd.DataFrame) -> pd.DataFrame:
     """Per email: client_status (matched, not_found, ambiguous), client_id, client_reason.
 
-    Aktenzeichen first; only emails without an aktenzeichen candidate fall back to the name (whose
-    key is built for those emails only).
+    By aktenzeichen; only emails that give no aktenzeichen are matched by name (whose key is built
+    for those emails only). An aktenzeichen that names no document is client_not_found: the result
+    never depends on which other documents happen to be read in the same batch.
     """
     base = emails[["email_id", "az_key", "az_reason"]]
     by_az = base.dropna(subset=["az_key"]).merge(clients[["client_id", "az_key"]], on="az_key")
-    no_az = (~base["email_id"].isin(by_az["email_id"]) & base["az_reason"].isna()).to_numpy(bool)
+    no_az = (base["az_key"].isna() & base["az_reason"].isna()).to_numpy(bool)
     named = emails.loc[no_az, ["email_id", "client_name"]]
     named = named.assign(name_key=keys.client_name_key(named["client_name"].astype(object))).dropna(subset=["name_key"])
     by_name = named.merge(clients[["client_id", "name_key"]].dropna(subset=["name_key"]), on="name_key")

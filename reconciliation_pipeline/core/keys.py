@@ -22,6 +22,28 @@ def _plain_strings(values: pd.Series) -> pd.Series:
     return values.astype(object).where(ok).astype("string")
 
 
+def _per_unique_string(func):
+    """Compute `func` once per distinct string (a window repeats a few thousand creditor names and
+    addresses a million times) and once per non-string value; same result, same index."""
+
+    def wrapper(values: pd.Series) -> pd.Series:
+        values = values.astype(object)
+        is_str = _mask(values, lambda v: isinstance(v, str)).to_numpy(bool)
+        if not is_str.any():
+            return func(values)
+        codes, uniques = pd.factorize(values.to_numpy(object)[is_str])
+        mapped = func(pd.Series(uniques, dtype=object))
+        parts = [mapped.iloc[codes].set_axis(values.index[is_str])]
+        if not is_str.all():
+            parts.append(func(values[~is_str]))
+        return pd.concat(parts).reindex(values.index) if len(parts) > 1 else parts[0]
+
+    wrapper.__doc__ = func.__doc__
+    wrapper.__name__ = func.__name__
+    return wrapper
+
+
+@_per_unique_string
 def text_key(values: pd.Series) -> pd.Series:
     """NFC, casefold, whitespace collapsed and trimmed; NA for missing, empty or non-string values."""
     s = _plain_strings(values).str.normalize("NFC").str.casefold()
@@ -29,6 +51,7 @@ def text_key(values: pd.Series) -> pd.Series:
     return s.where(s.str.len() > 0)
 
 
+@_per_unique_string
 def email_key(values: pd.Series) -> pd.Series:
     """An e-mail address compared ignoring case and surrounding spaces."""
     s = _plain_strings(values).str.strip().str.lower()
@@ -61,6 +84,7 @@ def person_name_key(first: pd.Series, last: pd.Series) -> pd.Series:
     return text_key(_plain_strings(first).fillna("") + " " + _plain_strings(last).fillna(""))
 
 
+@_per_unique_string
 def client_name_key(names: pd.Series) -> pd.Series:
     """Key of an extracted client_name, written 'Last, First' or 'First Last'."""
     s = _plain_strings(names)
@@ -102,7 +126,16 @@ def last_name_patterns(names: pd.Series) -> list[str]:
     return sorted(patterns)
 
 
+@_per_unique_string
 def name_words(values: pd.Series) -> pd.Series:
     """Frozensets of the casefolded words longer than 3 letters (NA-safe)."""
     keys = text_key(values)
     return keys.map(lambda k: frozenset(_WORD.findall(k)) if isinstance(k, str) else frozenset())
+
+
+def route_key(aktenzeichen: object, client_id: str) -> str:
+    """The key that brings a client document and its emails into one batch: the stored aktenzeichen
+    when it is a usable string, else the document's id behind a NUL (never a real aktenzeichen)."""
+    if isinstance(aktenzeichen, str) and aktenzeichen.strip() and "\x00" not in aktenzeichen and len(aktenzeichen) <= _MAX_KEY_TEXT:
+        return aktenzeichen
+    return "\x00" + client_id

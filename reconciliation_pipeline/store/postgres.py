@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -75,6 +77,63 @@ def stream_related_emails(
     sender, received after the oldest window email) or that answer inside the window."""
     params = {"start": start, "end": end, "emails": list(senders), "min_received": min_received}
     return _stream(engine, RELATED_EMAILS, params, chunk_rows)
+
+
+# COPY streams the same rows as CSV, parsed by pandas' C reader: several times faster than building
+# a Python tuple per row. psycopg binds the parameters on the client for COPY.
+_COPY_COLUMNS = ["email_id", "from_email", "received_us", "in_window", "extracted_json"] + TYPED_COLUMNS
+_COPY_SQL = (
+    "COPY (SELECT s.email_id, s.from_email, (extract(epoch FROM s.received_at) * 1000000)::bigint, s.in_window, "
+    "s.extracted_json, " + ", ".join(f"s.{c}" for c in TYPED_COLUMNS) + " FROM ({select}) s) "
+    "TO STDOUT (FORMAT csv, NULL '\\N')"
+)
+_WINDOW_WHERE = " AND e.created_at >= %(start)s AND e.created_at < %(end)s"
+_RELATED_WHERE = """
+  AND NOT (e.created_at >= %(start)s AND e.created_at < %(end)s)
+  AND ((lower(btrim(e.from_email)) = ANY(%(emails)s) AND e.received_at >= %(min_received)s)
+       OR (e.received_at >= %(start)s AND e.received_at < %(end)s))
+"""
+
+
+def _copy_frames(engine: Engine, select: str, params: Mapping[str, Any], chunk_rows: int) -> Iterator[pd.DataFrame]:
+    """Email rows in chunks of `chunk_rows` via COPY ... TO STDOUT (CSV) through a temporary file."""
+    if engine.dialect.driver != "psycopg":  # COPY with client-side parameters needs psycopg 3
+        statement = sa.text(select.replace("%(", ":").replace(")s", ""))
+        yield from _stream(engine, statement, params, chunk_rows)
+        return
+    with tempfile.TemporaryFile() as spool:
+        raw = engine.raw_connection()
+        try:
+            cursor = raw.driver_connection.cursor()
+            with cursor.copy(_COPY_SQL.format(select=select), params) as copy:
+                for block in copy:
+                    spool.write(block)
+            raw.driver_connection.rollback()
+        finally:
+            raw.close()
+        spool.seek(0)
+        reader = pd.read_csv(
+            spool, header=None, names=_COPY_COLUMNS, na_values=["\\N"], keep_default_na=False, encoding="utf-8",
+            dtype={c: object for c in _COPY_COLUMNS} | {"email_id": "int64", "received_us": "Int64"}, chunksize=chunk_rows,
+        )
+        for chunk in reader:
+            micros = chunk.pop("received_us").to_numpy("int64", na_value=np.iinfo(np.int64).min)
+            chunk.insert(2, "received_at", pd.Series(micros.view("datetime64[us]"), index=chunk.index).dt.tz_localize("UTC"))
+            chunk["in_window"] = chunk["in_window"] == "t"
+            yield chunk.astype({c: object for c in TYPED_COLUMNS + ["extracted_json"]}).where(chunk.notna(), None)
+
+
+def copy_window_emails(engine: Engine, start: datetime, end: datetime, chunk_rows: int = 100_000) -> Iterator[pd.DataFrame]:
+    """The window's synced emails that have a debt_amount, in chunks (COPY)."""
+    return _copy_frames(engine, _EMAIL_SELECT.format(in_window="true") + _WINDOW_WHERE, {"start": start, "end": end}, chunk_rows)
+
+
+def copy_related_emails(
+    engine: Engine, start: datetime, end: datetime, senders: Sequence[str], min_received: datetime, chunk_rows: int = 100_000
+) -> Iterator[pd.DataFrame]:
+    """As stream_related_emails, via COPY."""
+    params = {"start": start, "end": end, "emails": list(senders), "min_received": min_received}
+    return _copy_frames(engine, _EMAIL_SELECT.format(in_window="false") + _RELATED_WHERE, params, chunk_rows)
 
 
 # --- outbox -------------------------------------------------------------------------------------
