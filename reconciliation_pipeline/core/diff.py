@@ -63,7 +63,9 @@ def match_clients(emails: pd.DataFrame, clients: pd.DataFrame) -> pd.DataFrame:
 
     out = base[["email_id"]].copy()
     out["n"] = out["email_id"].map(counts["count"]).fillna(0).astype(int)
-    out["client_id"] = out["email_id"].map(counts["first"]).astype(object).where(out["n"] == 1)
+    first = out["email_id"].map(counts["first"]).where(out["n"] == 1)
+    coded = pd.api.types.is_integer_dtype(clients["client_id"])
+    out["client_id"] = first.astype("Int64") if coded else first.astype(object)
     out["client_status"] = np.select([out["n"] == 1, out["n"] > 1], ["matched", "ambiguous"], "not_found")
     reason = base["az_reason"].astype(object)
     has_name = pd.Series(False, index=base.index)
@@ -88,10 +90,14 @@ def _creditor_candidates(emails: pd.DataFrame, elements: pd.DataFrame) -> pd.Dat
     Level 1 and 2 are equi-joins; only the emails left without a candidate are paired with every
     creditor of their client for the word-based levels 3 and 4.
     """
-    el = elements[["client_id", "pos", "sender_email_key"]]
-    l1 = emails[["email_id", "client_id", "from_email_key"]].dropna(subset=["from_email_key"]).merge(
-        el.dropna(subset=["sender_email_key"]), left_on=["client_id", "from_email_key"], right_on=["client_id", "sender_email_key"]
-    )[["email_id", "client_id", "pos"]].assign(level=1)
+    n = len(emails)
+    client_code, _ = pd.factorize(pd.concat([emails["client_id"], elements["client_id"]], ignore_index=True).astype(object))
+    key_code, key_values = pd.factorize(pd.concat([emails["from_email_key"], elements["sender_email_key"]], ignore_index=True).astype(object))
+    pair = client_code.astype(np.int64) * (len(key_values) + 1) + key_code  # unique per (client, e-mail key)
+    has_key = key_code >= 0
+    left = pd.DataFrame({"email_id": emails["email_id"].to_numpy(), "client_id": emails["client_id"].to_numpy(), "k": pair[:n]})
+    right = pd.DataFrame({"pos": elements["pos"].to_numpy(np.int64), "k": pair[n:]})
+    l1 = left[has_key[:n]].merge(right[has_key[n:]], on="k")[["email_id", "client_id", "pos"]].assign(level=1)
     rest = emails[~emails["email_id"].isin(l1["email_id"])]
     rest = rest.assign(creditor_name_key=keys.text_key(rest["creditor_name"].astype(object)))
     needed = elements[elements["client_id"].isin(rest["client_id"])]
@@ -111,7 +117,8 @@ def _creditor_candidates(emails: pd.DataFrame, elements: pd.DataFrame) -> pd.Dat
     cand = cand.assign(level=np.select([shared & same_domain, shared], [3, 4], 0))[["email_id", "client_id", "pos", "level"]]
     cand = cand[cand["level"] > 0]
     cand = cand[cand["level"] == cand.groupby("email_id")["level"].transform("min")]
-    return pd.concat([l1, l2, cand], ignore_index=True).astype({"client_id": object, "pos": "Int64", "level": "int64"})
+    out = pd.concat([l1, l2, cand], ignore_index=True)
+    return out.astype({"client_id": emails["client_id"].dtype, "pos": "int64", "level": "int64"})
 
 
 def match_creditors(emails: pd.DataFrame, elements: pd.DataFrame) -> pd.DataFrame:
@@ -120,8 +127,7 @@ def match_creditors(emails: pd.DataFrame, elements: pd.DataFrame) -> pd.DataFram
     Level 1 e-mail, 2 name, 3 domain + shared word, 4 shared word only; the first level with
     candidates wins and several candidates there make the creditor ambiguous.
     """
-    emails = emails.astype({"client_id": object})
-    winners = _creditor_candidates(emails, elements.astype({"client_id": object}))
+    winners = _creditor_candidates(emails, elements)
     stats = winners.groupby("email_id").agg(n=("pos", "size"), pos=("pos", "first"), level=("level", "first"))
 
     out = emails[["email_id"]].copy()
@@ -130,11 +136,11 @@ def match_creditors(emails: pd.DataFrame, elements: pd.DataFrame) -> pd.DataFram
     out["match_level"] = out["email_id"].map(stats["level"]).astype("Int64")
     out["creditor_status"] = np.select([out["n"] == 1, out["n"] > 1], ["matched", "ambiguous"], "not_found")
     out.attrs["candidates"] = winners[["email_id", "client_id", "pos"]].reset_index(drop=True)
-    out["creditor_reason"] = np.where(
-        out["n"] > 1,
-        out["n"].astype(str) + " creditors match at level " + out["match_level"].astype(str),
-        "no creditor of this client matches the sender or creditor name",
-    )
+    reason = np.full(len(out), "no creditor of this client matches the sender or creditor name", dtype=object)
+    several = (out["n"] > 1).to_numpy(bool)
+    if several.any():
+        reason[several] = (out.loc[several, "n"].astype(str) + " creditors match at level " + out.loc[several, "match_level"].astype(str)).to_numpy(object)
+    out["creditor_reason"] = reason
     return out.drop(columns="n")
 
 
@@ -143,12 +149,38 @@ def match(emails: pd.DataFrame, clients: pd.DataFrame, elements: pd.DataFrame) -
 
     The candidates include those of ambiguous emails: such elements are not unclaimed answers.
     """
+    ids, clients, elements = _coded(clients, elements)
+    matched, candidates = _match(emails.reset_index(drop=True), clients, elements)
+    matched["client_id"] = _decoded(ids, matched["client_id"])
+    candidates["client_id"] = _decoded(ids, candidates["client_id"])
+    return matched, candidates
+
+
+def _coded(clients: pd.DataFrame, elements: pd.DataFrame) -> tuple[pd.Index, pd.DataFrame, pd.DataFrame]:
+    """Client ids as int64 codes (joins on integers, not 24-character strings) and the ids to map back."""
+    ids = pd.Index(pd.unique(np.concatenate([clients["client_id"].to_numpy(object), elements["client_id"].to_numpy(object)])))
+    return (
+        ids,
+        clients.assign(client_id=ids.get_indexer(clients["client_id"].to_numpy(object)).astype(np.int64)),
+        elements.assign(client_id=ids.get_indexer(elements["client_id"].to_numpy(object)).astype(np.int64)),
+    )
+
+
+def _decoded(ids: pd.Index, codes: pd.Series) -> pd.Series:
+    values = pd.array(codes, dtype="Int64")
+    out = np.full(len(values), None, dtype=object)
+    present = ~pd.isna(values)
+    out[present] = ids.to_numpy(object)[values[present].to_numpy(np.int64)]
+    return pd.Series(out, index=codes.index, dtype=object)
+
+
+def _match(emails: pd.DataFrame, clients: pd.DataFrame, elements: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     client_match = match_clients(emails, clients)
-    matched = emails.merge(client_match, on="email_id", how="left")
-    found = matched[matched["client_status"] == "matched"]
-    creditors = match_creditors(found, elements)
+    matched = emails.join(client_match.drop(columns="email_id"))  # same index, one row per email
+    found = matched.loc[matched["client_status"] == "matched", ["email_id", "client_id", "from_email_key", "creditor_name"]]
+    creditors = match_creditors(found.astype({"client_id": "int64"}), elements)
     candidates = creditors.attrs.pop("candidates")
-    return matched.merge(creditors, on="email_id", how="left"), candidates
+    return matched.join(creditors.drop(columns="email_id")), candidates
 
 
 def _email_findings(rows: pd.DataFrame, kind: str, reason: pd.Series) -> pd.DataFrame:
@@ -166,13 +198,18 @@ def _email_findings(rows: pd.DataFrame, kind: str, reason: pd.Series) -> pd.Data
     )
 
 
+_PAIR_COLUMNS = ["email_id", "client_id", "pos", "match_level", "received_at", "in_window", "amount_cents", "amount_reason",
+                 "from_email_key", "az_key"]
+
+
 def diff(emails: pd.DataFrame, clients: pd.DataFrame, elements: pd.DataFrame, options: DiffOptions) -> tuple[pd.DataFrame, int]:
     """(findings, records_checked): one outer merge of expected and observed amounts, split into kinds.
 
     `emails` holds the window's synced emails (in_window) plus later or related synced emails, so
     the expected amount of a pair is that of its newest email overall.
     """
-    m, candidates = match(emails, clients, elements)
+    ids, coded_clients, elements = _coded(clients, elements)
+    m, candidates = _match(emails.reset_index(drop=True), coded_clients, elements)
     window = m[m["in_window"]]
     parts: list[pd.DataFrame] = []
 
@@ -186,14 +223,14 @@ def diff(emails: pd.DataFrame, clients: pd.DataFrame, elements: pd.DataFrame, op
         parts.append(_email_findings(rows, kind, rows["creditor_reason"]))
 
     # Expected amount per (client, creditor) pair: the newest matched email overall.
-    paired = m[m["creditor_status"] == "matched"].sort_values(["received_at", "email_id"])
+    paired = m.loc[m["creditor_status"] == "matched", _PAIR_COLUMNS].sort_values(["received_at", "email_id"])
     window_pairs = paired.loc[paired["in_window"], ["client_id", "pos"]].drop_duplicates()
     newest = paired.drop_duplicates(["client_id", "pos"], keep="last").merge(window_pairs, on=["client_id", "pos"])
-    newest = newest.astype({"client_id": object, "pos": "Int64"})
+    newest = newest.astype({"client_id": "int64", "pos": "int64"})
     records_checked = len(newest) + len(not_client) + len(not_creditor)
 
     # The datacompy-style core: one outer merge with an indicator against the creditor elements.
-    el = elements.astype({"client_id": object, "pos": "Int64"})
+    el = elements
     merged = newest.merge(el, on=["client_id", "pos"], how="outer", indicator=True)
     both = merged[merged["_merge"] == "both"]
     pg_ok = both["amount_cents"].notna().to_numpy(bool)
@@ -218,7 +255,7 @@ def diff(emails: pd.DataFrame, clients: pd.DataFrame, elements: pd.DataFrame, op
     )
 
     # A creditor answer in MongoDB inside the window that no synced email maps to.
-    mapped = candidates[["client_id", "pos"]].drop_duplicates().astype({"client_id": object, "pos": "Int64"}).assign(_mapped=True)
+    mapped = candidates[["client_id", "pos"]].drop_duplicates().astype({"client_id": "int64", "pos": "int64"}).assign(_mapped=True)
     el_only = el.merge(mapped, on=["client_id", "pos"], how="left")
     in_window = (el_only["response_received_at"] >= options.window_start) & (
         el_only["response_received_at"] < options.window_end
@@ -241,6 +278,7 @@ def diff(emails: pd.DataFrame, clients: pd.DataFrame, elements: pd.DataFrame, op
     findings["email_id"] = findings["email_id"].astype("Int64")
     findings["pos"] = findings["pos"].astype("Int64")
     findings = findings.drop(columns=["amount_cents", "mongo_cents"])
+    findings["client_id"] = _decoded(ids, findings["client_id"])
     findings = _attach_aktenzeichen(findings, clients)
     findings["repairable"] = _repairable(findings, options)
     return findings.reset_index(drop=True), int(records_checked)
