@@ -21,8 +21,8 @@ from sqlalchemy.engine import Engine
 from reconciliation_pipeline import faults
 from reconciliation_pipeline.core import diff as core_diff
 from reconciliation_pipeline.core import repair as core_repair
-from reconciliation_pipeline.core.frames import add_email_keys, prepare_clients, prepare_emails, share_strings
-from reconciliation_pipeline.core.keys import last_name_patterns, route_key
+from reconciliation_pipeline.core.frames import add_email_keys, prepare_clients, prepare_emails
+from reconciliation_pipeline.core.keys import client_name_key, last_name_patterns, route_key
 from reconciliation_pipeline.core.outbox import DeliveryRequest, parse_payload
 from reconciliation_pipeline.store import mongo as mongo_store
 from reconciliation_pipeline.store import postgres as pg
@@ -176,16 +176,18 @@ def _deliver_pending(
     engine: Engine, collection_factory: Callable[[], Any], ctx: RunContext, batch_size: int, mongo_batch_size: int,
     log: Logger, result: OutboxResult,
 ) -> None:
-    seen: list[int] = []
+    after = pg.START_OF_OUTBOX
+    claimed = 0
     blocked_aggregates: set[tuple[str, str]] = set()
     connection_lost = False
     with collection_factory() as collection:
         while not connection_lost:
             with engine.begin() as conn:
-                messages = pg.claim_outbox(conn, batch_size, seen)
+                messages = pg.claim_outbox(conn, batch_size, after)
                 if not messages:
                     break
-                seen += [m["id"] for m in messages]
+                after = (messages[-1]["created_at"], messages[-1]["id"])
+                claimed += len(messages)
                 audit: list[dict] = []
                 requests: dict[int, DeliveryRequest] = {}
                 deliverable = []
@@ -254,7 +256,7 @@ def _deliver_pending(
                 for a in audit if a["outbox_message_id"] in intent
             ])
             log.info(
-                f"outbox: {len(seen)} claimed so far, {result.succeeded} delivered, {result.failed} failed, "
+                f"outbox: {claimed} claimed so far, {result.succeeded} delivered, {result.failed} failed, "
                 f"{result.deferred} deferred"
             )
         if connection_lost:
@@ -263,7 +265,7 @@ def _deliver_pending(
     with engine.connect() as conn:
         result.dead = pg.count_dead_outbox(conn)
         if connection_lost:
-            result.deferred += pg.count_pending_outbox(conn, exclude=seen)
+            result.deferred += pg.count_pending_outbox(conn, after)
 
 
 def _outbox_audit(
@@ -307,7 +309,7 @@ def extract_postgres(engine: Engine, ctx: RunContext, log: Logger, chunk_rows: i
     related = _prepared(
         pg.copy_related_emails(engine, ctx.window_start, ctx.window_end, senders, min_received, chunk_rows), log, "related"
     )
-    emails = share_strings(pd.concat([window, related], ignore_index=True) if len(related) else window)
+    emails = pd.concat([window, related], ignore_index=True) if len(related) else window  # strings shared per chunk
     log.info(f"extract postgres: {len(window)} emails in the window, {len(related)} related emails")
     return emails
 
@@ -337,6 +339,7 @@ class MongoShard:
     aktenzeichen: tuple[str, ...]
     named_documents: list = field(default_factory=list)
     full_scan: bool = False
+    named_keys: frozenset = frozenset()  # full scan: name keys of the emails to resolve during the pass
     available: bool = True
     error: str | None = None
 
@@ -352,13 +355,17 @@ def route_emails(
 
     An email's route is its aktenzeichen; one without is looked up by last name first and, if
     exactly one client matches, goes with that client's key (keys.route_key). Unrouted emails and
-    the documents found by name go to shard 0, so a client never lands in two batches.
+    the documents found by name go to shard 0, so a client never lands in two batches. When the
+    window names most of the collection, the documents are read in one sorted pass instead and the
+    names are resolved during that pass (no separate name query).
     """
     emails = emails.assign(route=emails["az_key"].astype(object).where(emails["az_key"].notna(), None))
     named = emails[emails["az_key"].isna() & emails["az_reason"].isna() & emails["client_name"].notna()]
     named_docs: list = []
     try:
-        if len(named):
+        documents = collection.estimated_document_count() if count == 1 and full_scan_ratio <= 1 else 0
+        full_scan = count == 1 and documents > 0 and emails["az_key"].nunique() >= full_scan_ratio * documents
+        if len(named) and not full_scan:
             named_docs = mongo_store.fetch_clients(collection, (), last_name_patterns(named["client_name"]), batch_size)
             clients, _ = prepare_clients(named_docs)
             clients["route"] = [route_key(a, c) for a, c in zip(clients["aktenzeichen"], clients["client_id"])]
@@ -368,18 +375,18 @@ def route_emails(
             hit = emails["email_id"].isin(by_email.index)
             emails.loc[hit, "route"] = emails.loc[hit, "email_id"].map(by_email)
             log.info(f"route: {len(named)} emails without aktenzeichen, {len(found)} matched by name, {len(named_docs)} documents")
-        documents = collection.estimated_document_count() if count == 1 and full_scan_ratio <= 1 else 0
     except ConnectionFailure as exc:
         log.warning(f"route: MongoDB unreachable ({type(exc).__name__}); comparison skipped")
         return [MongoShard(0, 1, emails.iloc[:0], (), available=False, error=f"MongoDB unreachable: {type(exc).__name__}")]
     slots = np.fromiter((_route_slot(r, count) for r in emails["route"]), dtype=np.int64, count=len(emails))
     keys = sorted({r for r in emails["route"] if r is not None and not r.startswith("\x00")})
-    full_scan = count == 1 and documents > 0 and len(keys) >= full_scan_ratio * documents
+    named_keys = frozenset(client_name_key(named["client_name"]).dropna()) if full_scan else frozenset()
     if full_scan:
-        log.info(f"route: the window names {len(keys)} of about {documents} client documents: one sorted pass over the collection")
+        log.info(f"route: the window names {len(keys)} of about {documents} client documents: one sorted pass over the "
+                 f"collection, {len(named)} emails without aktenzeichen resolved by name during it")
     return [
         MongoShard(i, count, emails[slots == i].reset_index(drop=True), tuple(k for k in keys if _route_slot(k, count) == i),
-                   named_docs if i == 0 else [], full_scan)
+                   named_docs if i == 0 else [], full_scan, named_keys)
         for i in range(count)
     ]
 
@@ -404,9 +411,8 @@ def compare_shard(collection: Collection, shard: MongoShard, ctx: RunContext, op
     seen: set[str] = set()  # documents whose extras have been judged
     routed: set[str] = set()
 
-    def compare(docs: list, batch_emails: pd.DataFrame, owned: set[str] | None = None) -> None:
+    def compare(clients: pd.DataFrame, elements: pd.DataFrame, batch_emails: pd.DataFrame, owned: set[str] | None = None) -> None:
         nonlocal checked
-        clients, elements = prepare_clients(docs)
         findings, n = core_diff.diff(batch_emails, clients, elements, options)
         if owned is not None:
             findings = findings[(findings["kind"] != core_diff.EXTRA_IN_MONGO) | findings["client_id"].isin(owned)]
@@ -414,6 +420,7 @@ def compare_shard(collection: Collection, shard: MongoShard, ctx: RunContext, op
         checked += n
         seen.update(clients["client_id"] if owned is None else owned)
 
+    held: list = []  # full scan: documents a name-only email may mean, compared at the end with those emails
     try:
         if shard.full_scan:
             batches = mongo_store.iter_all_clients(collection, batch_size)
@@ -423,24 +430,34 @@ def compare_shard(collection: Collection, shard: MongoShard, ctx: RunContext, op
         total = max(1, -(-len(shard.aktenzeichen) // batch_size))
         progress = _progress(log, f"compare shard {shard.index}")
         for done, (keys, docs) in enumerate(batches, start=1):
+            clients, elements = prepare_clients(docs)
+            if shard.named_keys:
+                routes_of = pd.Series([route_key(a, c) for a, c in zip(clients["aktenzeichen"], clients["client_id"])], index=clients.index)
+                hold = set(routes_of[clients["name_key"].isin(shard.named_keys)])
+                if hold:  # the whole aktenzeichen waits, with its emails, so that no client is split
+                    held += [d for d in docs if route_key(d.get("aktenzeichen"), str(d["_id"])) in hold]
+                    keep = ~routes_of.isin(hold)
+                    clients, elements = clients[keep], elements[elements["client_id"].isin(clients.loc[keep, "client_id"])]
+                    keys = [k for k in keys if k not in hold]
             routed.update(keys)
-            compare(docs, emails[routes.isin(keys)])
+            compare(clients, elements, emails[routes.isin(keys)])
             progress(min(done, total), total)
         # unrouted emails, emails naming an aktenzeichen no document has, and the documents found by name
         rest = emails[~routes.isin(routed)]
-        if len(rest) or shard.named_documents:
+        if len(rest) or shard.named_documents or held:
+            clients, elements = prepare_clients(held if shard.full_scan else shard.named_documents)
             if shard.full_scan:
-                owned: set[str] = set()
+                owned: set[str] = set(clients["client_id"])  # held back: compared nowhere else
             else:
                 owned = {str(d["_id"]) for d in shard.named_documents if route_key(d.get("aktenzeichen"), str(d["_id"])).startswith("\x00")}
-            compare(shard.named_documents, rest, owned - seen)
+            compare(clients, elements, rest, owned - seen)
         if not shard.full_scan:  # documents with an answer in the window that no email of the window names
             unseen = [
                 d["_id"] for d in mongo_store.iter_answered_since(collection, ctx.window_start)
                 if str(d["_id"]) not in seen and _route_slot(route_key(d.get("aktenzeichen"), str(d["_id"])), shard.count) == shard.index
             ]
             for docs in mongo_store.iter_by_ids(collection, unseen, batch_size):
-                compare(docs, emails.iloc[:0])
+                compare(*prepare_clients(docs), emails.iloc[:0])
     except ConnectionFailure as exc:
         log.warning(f"compare: MongoDB unreachable ({type(exc).__name__}); comparison skipped")
         return DiffResult(pd.DataFrame(columns=core_diff.FINDING_COLUMNS), 0, False, f"MongoDB unreachable: {type(exc).__name__}")

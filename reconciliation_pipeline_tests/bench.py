@@ -307,6 +307,18 @@ def _settings_default(name: str, fallback: int) -> int:
         return fallback
 
 
+def _high_water_rss() -> int:
+    """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss: on Linux that survives
+    fork and exec, so a child of the bench (which held the generated data) would report the parent's."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _settings_default_float(name: str, fallback: float) -> float:
     try:
         from reconciliation_pipeline.resources import ReconciliationSettings
@@ -369,7 +381,7 @@ def child_run(args: argparse.Namespace) -> int:
         yield
         timings[name] = time.perf_counter() - t
         cpu[name] = CpuMeter.delta(before, meter.snapshot())
-        rss_after[name] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        rss_after[name] = _high_water_rss()
         c = cpu[name]
         print(f"  [pipeline] {name}: {timings[name]:.2f}s (client CPU {c['client_cpu']:.2f}s, MongoDB server CPU "
               f"{c['mongo_server_cpu'] or 0:.2f}s, PostgreSQL CPU {c['pg_backend_cpu']:.2f}s, load {c['load1']:.1f})",
@@ -409,7 +421,7 @@ def child_run(args: argparse.Namespace) -> int:
         built = report_mod.build_report(ctx, outbox, repaired, cleaned, 200, started)
         pg.finish_report(engine, report_id, built.row)
     total = time.perf_counter() - wall
-    peak_pipeline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_pipeline = _high_water_rss()
     sampler.label = "diff_core"
     state["step"] = "diff_core"
 

@@ -321,3 +321,30 @@ def test_mongo_amounts_edge_floats_equal_try_cents(value):
 def test_mongo_amounts_missing(value):
     missing, cents, reason = _one(value)
     assert missing and cents is None and reason is pd.NA
+
+
+# --- the vectorised PostgreSQL path (frames.cents_from_typed) agrees with to_cents text by text ---------
+
+from reconciliation_pipeline.core.frames import cents_from_typed  # noqa: E402
+
+_digits = st.text(alphabet="0123456789", min_size=1, max_size=15)
+_amount_texts = st.one_of(
+    st.builds(lambda w, d: w + ("." + d if d else ""), _digits, st.one_of(st.just(""), _digits)),
+    st.text(alphabet="0123456789.,-+eE €EURa١٢ \u00a0", max_size=16),
+    st.text(max_size=8),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.sampled_from(["number", "string"]), st.lists(_amount_texts, min_size=1, max_size=5))
+def test_cents_from_typed_equals_try_cents(kind, texts):
+    cents, _ = cents_from_typed(pd.Series([kind] * len(texts), dtype=object), pd.Series(texts, dtype=object))
+    for text, got in zip(texts, cents):
+        if kind == "number":
+            try:
+                expected = try_cents(Decimal(text))[0]
+            except ArithmeticError:
+                expected = None
+        else:
+            expected = try_cents(text)[0]
+        assert (None if pd.isna(got) else int(got)) == expected, text

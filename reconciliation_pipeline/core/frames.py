@@ -26,8 +26,6 @@ UNPARSABLE = "unparsable"  # type given to every field of extracted_data that co
 EMAIL_COLUMNS = ["email_id", "from_email", "received_at", "created_at", "in_window", "extracted_json"]
 TYPED_COLUMNS = ["az_type", "az_text", "client_name", "creditor_name", "amount_type", "amount_text"]
 _MAX_CENTS = int(MAX_AMOUNT) * 100
-_NUMBER_TEXT = r"^([0-9]{1,13})(?:\.([0-9]+))?$"  # a JSON number literal without sign or exponent
-_PLAIN_STRING = r"^([0-9]{1,13})(?:\.([0-9]{1,2}))?$"  # a string that every notation reads the same way
 
 
 def _reject_constant(name: str) -> Any:
@@ -99,18 +97,12 @@ def cents_from_typed(types: pd.Series, texts: pd.Series) -> tuple[pd.Series, pd.
     reasons = np.full(n, None, dtype=object)
     is_number = (types == "number").to_numpy(bool)
     is_string = (types == "string").to_numpy(bool)
-    text = pd.Series(texts, dtype="string")
-    for mask, pattern in ((is_number, _NUMBER_TEXT), (is_string, _PLAIN_STRING)):
+    text_values = texts.to_numpy(object)
+    for mask, max_decimals in ((is_number, None), (is_string, 2)):
         if not mask.any():
             continue
         idx = np.flatnonzero(mask)
-        parts = text.iloc[idx].str.extract(pattern)
-        ok = parts[0].notna().to_numpy(bool)
-        whole = parts[0][ok].astype("int64").to_numpy()
-        frac = parts[1][ok].fillna("").to_numpy(dtype=object)
-        first_two = np.array([int((f + "00")[:2]) for f in frac], dtype=np.int64)
-        round_up = np.array([len(f) > 2 and f[2] >= "5" for f in frac], dtype=bool)
-        value = whole * 100 + first_two + round_up
+        ok, value = _plain_decimal_cents(text_values[idx], max_decimals)
         in_range = value <= _MAX_CENTS
         target = idx[ok]
         cents[target[in_range]] = value[in_range]
@@ -118,10 +110,11 @@ def cents_from_typed(types: pd.Series, texts: pd.Series) -> tuple[pd.Series, pd.
         reasons[target[~in_range]] = "amount above 10^12"
     slow = np.flatnonzero((is_number | is_string) & ~valid & pd.isna(reasons))
     cache: dict[tuple[Any, Any], tuple[int | None, str | None]] = {}
+    type_values, text_values = types.to_numpy(object), texts.to_numpy(object)
     for i in slow:
-        key = (types.iat[i], texts.iat[i])
+        key = (type_values[i], text_values[i])
         if key not in cache:
-            value = texts.iat[i]
+            value = text_values[i]
             if key[0] == "number":
                 try:
                     value = Decimal(value)
@@ -144,6 +137,39 @@ def cents_from_typed(types: pd.Series, texts: pd.Series) -> tuple[pd.Series, pd.
     out = pd.array(np.where(valid, cents, 0), dtype="Int64")
     out[~valid] = pd.NA
     return pd.Series(out, index=types.index), pd.Series(reasons, index=types.index, dtype="string")
+
+
+def _plain_decimal_cents(values: np.ndarray, max_decimals: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(ok, cents of the ok ones) for texts of ASCII digits with an optional '.' and decimals
+    (`[0-9]{1,13}(.[0-9]+)?`, at most `max_decimals` decimals when given), half-up on the third
+    decimal. numpy's byte-string functions do it in C; texts with other characters are simply not ok."""
+    n = len(values)
+    lengths = np.fromiter((len(v) if isinstance(v, str) else 0 for v in values), dtype=np.int64, count=n)
+    short = np.flatnonzero((lengths > 0) & (lengths <= 64))
+    ok = np.zeros(n, dtype=bool)
+    cents = np.zeros(n, dtype=np.int64)
+    if not len(short):
+        return ok, cents[ok]
+    try:
+        encoded = values[short].astype("S64")
+    except UnicodeEncodeError:  # some text is not ASCII: those are never plain digits, test one by one
+        ascii_only = np.fromiter((v.isascii() for v in values[short]), dtype=bool, count=len(short))
+        short = short[ascii_only]
+        if not len(short):
+            return ok, cents[ok]
+        encoded = values[short].astype("S64")
+    whole, dot, decimals = (part.astype("S64") for part in np.strings.partition(encoded, b"."))  # never S0: numpy mis-indexes it
+    whole_len, decimals_len = np.strings.str_len(whole), np.strings.str_len(decimals)
+    good = (whole_len >= 1) & (whole_len <= 13) & np.strings.isdigit(whole)
+    good &= (dot == b"") | ((decimals_len >= 1) & np.strings.isdigit(decimals))
+    if max_decimals is not None:
+        good &= decimals_len <= max_decimals
+    whole, decimals = whole[good], decimals[good]
+    value = whole.astype(np.int64) * 100 + np.strings.slice(np.strings.add(decimals, b"00"), 0, 2).astype(np.int64)
+    value += np.strings.slice(decimals, 2, 3) >= b"5"
+    ok[short[good]] = True
+    cents[short[good]] = value
+    return ok, cents[ok]
 
 
 def add_email_keys(raw: pd.DataFrame) -> pd.DataFrame:

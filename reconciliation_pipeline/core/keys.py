@@ -33,10 +33,15 @@ def _per_unique_string(func):
             return func(values)
         codes, uniques = pd.factorize(values.to_numpy(object)[is_str])
         mapped = func(pd.Series(uniques, dtype=object))
-        parts = [mapped.iloc[codes].set_axis(values.index[is_str])]
-        if not is_str.all():
-            parts.append(func(values[~is_str]))
-        return pd.concat(parts).reindex(values.index) if len(parts) > 1 else parts[0]
+        rest = func(values[~is_str]) if not is_str.all() else None
+        if isinstance(mapped, tuple):  # several results (aktenzeichen_key: key and reason)
+            rests = rest if rest is not None else (None,) * len(mapped)
+            return tuple(_spread(m, codes, values, is_str, r) for m, r in zip(mapped, rests))
+        return _spread(mapped, codes, values, is_str, rest)
+
+    def _spread(mapped: pd.Series, codes: np.ndarray, values: pd.Series, is_str: np.ndarray, rest: pd.Series | None) -> pd.Series:
+        out = mapped.iloc[codes].set_axis(values.index[is_str])
+        return out if rest is None else pd.concat([out, rest]).reindex(values.index)
 
     wrapper.__doc__ = func.__doc__
     wrapper.__name__ = func.__name__
@@ -64,6 +69,7 @@ def email_domain(email_keys: pd.Series) -> pd.Series:
     return domain.astype("string")
 
 
+@_per_unique_string
 def aktenzeichen_key(values: pd.Series) -> tuple[pd.Series, pd.Series]:
     """(trimmed aktenzeichen or NA, reason why a present value is unusable or NA)."""
     present = values.notna()

@@ -8,7 +8,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
@@ -146,7 +146,8 @@ FROM outbox_messages o
 LEFT JOIN incoming_emails e
   ON o.aggregate_type = 'incoming_email'
  AND e.id = CASE WHEN o.aggregate_id ~ '^[0-9]{1,9}$' THEN o.aggregate_id::integer END
-WHERE o.processed_at IS NULL AND o.retry_count < o.max_retries AND o.id <> ALL(:seen)
+WHERE o.processed_at IS NULL AND o.retry_count < o.max_retries
+  AND (o.created_at, o.id) > (CAST(:after_created AS timestamptz), CAST(:after_id AS integer))
 ORDER BY o.created_at, o.id
 LIMIT :limit
 FOR UPDATE OF o SKIP LOCKED
@@ -154,19 +155,25 @@ FOR UPDATE OF o SKIP LOCKED
 )
 
 
-def claim_outbox(conn: Connection, limit: int, seen: Sequence[int]) -> list[Mapping[str, Any]]:
-    """Lock up to `limit` pending messages, oldest first, skipping rows other workers hold."""
-    return [dict(r._mapping) for r in conn.execute(CLAIM_OUTBOX, {"limit": limit, "seen": list(seen)})]
+OutboxCursor = tuple[datetime, int]
+START_OF_OUTBOX: OutboxCursor = (datetime(1, 1, 1, tzinfo=timezone.utc), 0)
 
 
-def count_pending_outbox(conn: Connection, exclude: Sequence[int] = ()) -> int:
-    """Messages still waiting for delivery (other than `exclude`)."""
+def claim_outbox(conn: Connection, limit: int, after: OutboxCursor = START_OF_OUTBOX) -> list[Mapping[str, Any]]:
+    """Lock up to `limit` pending messages after `after` (created_at, id), oldest first, skipping rows
+    other workers hold. The cursor, not a list of the ids seen, keeps a 100,000-message backlog linear."""
+    params = {"limit": limit, "after_created": after[0], "after_id": after[1]}
+    return [dict(r._mapping) for r in conn.execute(CLAIM_OUTBOX, params)]
+
+
+def count_pending_outbox(conn: Connection, after: OutboxCursor = START_OF_OUTBOX) -> int:
+    """Messages still waiting for delivery (after the cursor `after`)."""
     return conn.execute(
         sa.text(
             "SELECT count(*) FROM outbox_messages WHERE processed_at IS NULL AND retry_count < max_retries "
-            "AND id <> ALL(:exclude)"
+            "AND (created_at, id) > (CAST(:after_created AS timestamptz), CAST(:after_id AS integer))"
         ),
-        {"exclude": list(exclude)},
+        {"after_created": after[0], "after_id": after[1]},
     ).scalar_one()
 
 
