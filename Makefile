@@ -6,6 +6,7 @@
 #   make demo       run the end-to-end demo
 #   make ui         dagster dev on http://127.0.0.1:3000 (webserver + daemon, schedules run)
 #   make bench      load benchmark                               (BENCH_ARGS="...")
+#   make bench-shards  1 vs 2 compare shards through Dagster      (after make bench)
 #   make down       stop the services (data is kept)     make clean   down --purge + remove .venv
 #   make chromium   install chromium + chromium-driver via apt (root only)
 #
@@ -34,7 +35,7 @@ UI_PORT ?= 3000
 # Source the env file written by `make services` (recipes run in one bash each, see .ONESHELL).
 WITH_ENV = source "$(ENV_FILE)"
 
-.PHONY: help venv services tables test demo ui bench down clean chromium chromium-check
+.PHONY: help venv services tables test demo ui bench bench-shards down clean chromium chromium-check
 
 help:
 	@sed -n '1,/^$$/p' $(firstword $(MAKEFILE_LIST)) | sed -e 's/^# \{0,1\}//'
@@ -84,6 +85,10 @@ ui: services tables
 bench: services
 	$(WITH_ENV)
 	$(VPY) -m reconciliation_pipeline_tests.bench $(BENCH_ARGS)
+
+bench-shards: services
+	$(WITH_ENV)
+	$(VPY) -m reconciliation_pipeline_tests.bench_shards $(BENCH_ARGS)
 
 down:
 	if [ -x "$(VPY)" ]; then $(DEVSERVICES) down; else echo "no $(VENV); nothing to stop" >&2; fi

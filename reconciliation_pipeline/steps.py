@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from pymongo.collection import Collection
-from pymongo.errors import ConnectionFailure, PyMongoError
+from pymongo.errors import ConnectionFailure
 from sqlalchemy.engine import Engine
 
 from reconciliation_pipeline import faults
@@ -432,13 +432,7 @@ def compare_shard(collection: Collection, shard: MongoShard, ctx: RunContext, op
         for done, (keys, docs) in enumerate(batches, start=1):
             clients, elements = prepare_clients(docs)
             if shard.named_keys:
-                routes_of = pd.Series([route_key(a, c) for a, c in zip(clients["aktenzeichen"], clients["client_id"])], index=clients.index)
-                hold = set(routes_of[clients["name_key"].isin(shard.named_keys)])
-                if hold:  # the whole aktenzeichen waits, with its emails, so that no client is split
-                    held += [d for d in docs if route_key(d.get("aktenzeichen"), str(d["_id"])) in hold]
-                    keep = ~routes_of.isin(hold)
-                    clients, elements = clients[keep], elements[elements["client_id"].isin(clients.loc[keep, "client_id"])]
-                    keys = [k for k in keys if k not in hold]
+                clients, elements, keys = _hold_back_named(clients, elements, docs, keys, shard.named_keys, held)
             routed.update(keys)
             compare(clients, elements, emails[routes.isin(keys)])
             progress(min(done, total), total)
@@ -467,6 +461,20 @@ def compare_shard(collection: Collection, shard: MongoShard, ctx: RunContext, op
     log.info(f"compare shard {shard.index}: {len(seen)} client documents, {checked} pairs compared, "
              f"{len(result.findings)} findings ({_counts(counts)})")
     return result
+
+
+def _hold_back_named(
+    clients: pd.DataFrame, elements: pd.DataFrame, docs: list, keys: list[str], named_keys: frozenset, held: list
+) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """Take the documents a name-only email may mean out of a full-pass batch (into `held`), with
+    every document of their aktenzeichen, so that they are compared once, with all their emails."""
+    routes = pd.Series([route_key(a, c) for a, c in zip(clients["aktenzeichen"], clients["client_id"])], index=clients.index)
+    hold = set(routes[clients["name_key"].isin(named_keys)])
+    if not hold:
+        return clients, elements, keys
+    held += [d for d in docs if route_key(d.get("aktenzeichen"), str(d["_id"])) in hold]
+    keep = ~routes.isin(hold)
+    return clients[keep], elements[elements["client_id"].isin(clients.loc[keep, "client_id"])], [k for k in keys if k not in hold]
 
 
 def merge_diffs(results: list[DiffResult]) -> DiffResult:

@@ -134,19 +134,24 @@ def dagster_storage_database(pg_url: str) -> Iterator[str]:
 # --------------------------------------------------------------------------------------- processes
 
 
-def run_cli(args: Sequence[str], env: Mapping[str, str], *, timeout: float = 300,
-            cwd: Path = REPO) -> subprocess.CompletedProcess:
-    """Run `dagster <args>` to completion (bounded); the output is kept for assertion messages."""
+def run_cli(args: Sequence[str], env: Mapping[str, str], *, timeout: float = 300, cwd: Path = REPO,
+            watch: Callable[[int], Callable[[], None]] | None = None) -> subprocess.CompletedProcess:
+    """Run `dagster <args>` to completion (bounded); the output is kept for assertion messages.
+    `watch(pid)`, if given, starts observing the process and returns the function that stops it."""
     cmd = [*DAGSTER, *args]
     started = time.monotonic()
     proc = subprocess.Popen(cmd, env=dict(env), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
+    stop_watching = watch(proc.pid) if watch else None
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_group(proc)
         out, _ = proc.communicate(timeout=30)
-        raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{out}") from None
+        raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-20_000:]}") from None
+    finally:
+        if stop_watching:
+            stop_watching()
     result = subprocess.CompletedProcess(cmd, proc.returncode, out, "")
     print(f"$ {' '.join(cmd)}  -> rc={proc.returncode} in {time.monotonic() - started:.1f}s")
     return result

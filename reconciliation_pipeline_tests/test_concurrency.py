@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import datetime, timedelta, timezone
-from pathlib import Path
+from datetime import timedelta
 from typing import Any
 
 import dagster as dg
@@ -27,12 +26,11 @@ from pymongo import MongoClient
 from reconciliation_pipeline.jobs import reconciliation_job
 from reconciliation_pipeline.ops import MONGO_WRITER_POOL
 from reconciliation_pipeline.resources import MongoResource
-from reconciliation_pipeline.store.postgres import MONGO_WRITER_LOCK
 from reconciliation_pipeline_tests.builders import (
-    IN_WINDOW, PARTITION, WINDOW_END, add_client, add_email, add_outbox, creditor, reply,
+    PARTITION, WINDOW_END, add_client, add_email, add_outbox, creditor, reply,
 )
 from reconciliation_pipeline_tests.fault_support import (
-    REPO, CliProcess, MongoCutProxy, audit_rows, cli_env, dagster_bin, execute_args, mongo_port, outbox, pipeline_backends,
+    REPO, CliProcess, MongoCutProxy, audit_rows, cli_env, dagster_bin, execute_args, mongo_port, outbox,
     report_rows, repo_yaml_home, run_cli, scratch_database, sqlite_home, wait_until, write_config,
 )
 

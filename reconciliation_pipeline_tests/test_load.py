@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from reconciliation_pipeline_tests import datagen
 from reconciliation_pipeline_tests.builders import PARTITION, WINDOW_END
 from reconciliation_pipeline_tests.e2e_support import (
-    DAGSTER, DEFS_MODULE, JOB, kill_group, report_rows, subprocess_env, write_run_config, write_sqlite_home,
+    DEFS_MODULE, JOB, report_rows, run_cli, subprocess_env, write_run_config, write_sqlite_home,
 )
 
 pytestmark = [
@@ -70,22 +70,22 @@ def _scalar(engine: sa.Engine, sql: str) -> int:
 
 
 def _execute(env: dict[str, str], config: Path, timeout: float) -> tuple[subprocess.CompletedProcess, int, float]:
-    cmd = [*DAGSTER, "job", "execute", "-m", DEFS_MODULE, "-j", JOB, "-c", str(config),
-           "--tags", json.dumps({"dagster/partition": PARTITION})]
+    samplers: list[PeakRss] = []
+
+    def watch(pid: int):
+        samplers.append(PeakRss(pid))
+        samplers[0].start()
+
+        def stop() -> None:
+            samplers[0].stopped.set()
+            samplers[0].join()
+
+        return stop
+
     started = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    sampler = PeakRss(proc.pid)
-    sampler.start()
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_group(proc)
-        out, _ = proc.communicate(timeout=30)
-        raise AssertionError(f"load run timed out after {timeout}s\n{out[-20_000:]}") from None
-    finally:
-        sampler.stopped.set()
-        sampler.join()
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, ""), sampler.peak, time.monotonic() - started
+    result = run_cli(["job", "execute", "-m", DEFS_MODULE, "-j", JOB, "-c", str(config),
+                      "--tags", json.dumps({"dagster/partition": PARTITION})], env, timeout=timeout, watch=watch)
+    return result, samplers[0].peak, time.monotonic() - started
 
 
 def test_a_million_emails_outbox_backlog_and_expired_keys_in_one_run(pg, pg_url, mongo_db, service_env, tmp_path: Path) -> None:
