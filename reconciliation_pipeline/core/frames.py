@@ -228,7 +228,7 @@ SHARED_STRING_COLUMNS = ("from_email_key", "az_key", "az_reason", "client_name",
 
 def share_strings(frame: pd.DataFrame, columns: Iterable[str] = SHARED_STRING_COLUMNS) -> pd.DataFrame:
     """The frame with each distinct string of `columns` held once (a million emails repeat a few
-    thousand creditor addresses): 8 bytes a row instead of a string object a row; dtypes unchanged."""
+    thousand creditor addresses): 8 bytes a row instead of a string object a row; values unchanged."""
     out = frame.copy(deep=False)
     for column in columns:
         if column not in out or not len(out):
