@@ -323,6 +323,16 @@ class DiffResult:
     mongo_available: bool
     note: str | None = None
 
+    @classmethod
+    def skipped(cls, note: str | None) -> DiffResult:
+        """No comparison: MongoDB was unreachable."""
+        return cls(pd.DataFrame(columns=core_diff.FINDING_COLUMNS), 0, False, note)
+
+
+def _concat_findings(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=core_diff.FINDING_COLUMNS)
+
 
 @dataclass
 class MongoShard:
@@ -404,7 +414,7 @@ def compare_shard(collection: Collection, shard: MongoShard, ctx: RunContext, op
     judged once, by the batch that owns the document.
     """
     if not shard.available:
-        return DiffResult(pd.DataFrame(columns=core_diff.FINDING_COLUMNS), 0, False, shard.error)
+        return DiffResult.skipped(shard.error)
     emails, routes = shard.emails, shard.emails["route"]
     parts: list[pd.DataFrame] = []
     checked = 0
@@ -443,20 +453,19 @@ def compare_shard(collection: Collection, shard: MongoShard, ctx: RunContext, op
             if shard.full_scan:
                 owned: set[str] = set(clients["client_id"])  # held back: compared nowhere else
             else:
-                owned = {str(d["_id"]) for d in shard.named_documents if route_key(d.get("aktenzeichen"), str(d["_id"])).startswith("\x00")}
+                owned = {str(d["_id"]) for d in shard.named_documents if mongo_store.document_route(d).startswith("\x00")}
             compare(clients, elements, rest, owned - seen)
         if not shard.full_scan:  # documents with an answer in the window that no email of the window names
             unseen = [
                 d["_id"] for d in mongo_store.iter_answered_since(collection, ctx.window_start)
-                if str(d["_id"]) not in seen and _route_slot(route_key(d.get("aktenzeichen"), str(d["_id"])), shard.count) == shard.index
+                if str(d["_id"]) not in seen and _route_slot(mongo_store.document_route(d), shard.count) == shard.index
             ]
             for docs in mongo_store.iter_by_ids(collection, unseen, batch_size):
                 compare(*prepare_clients(docs), emails.iloc[:0])
     except ConnectionFailure as exc:
         log.warning(f"compare: MongoDB unreachable ({type(exc).__name__}); comparison skipped")
-        return DiffResult(pd.DataFrame(columns=core_diff.FINDING_COLUMNS), 0, False, f"MongoDB unreachable: {type(exc).__name__}")
-    result = merge_diffs([DiffResult(f, 0, True) for f in parts])
-    result.records_checked = checked
+        return DiffResult.skipped(f"MongoDB unreachable: {type(exc).__name__}")
+    result = DiffResult(_concat_findings(parts), checked, True)
     counts = result.findings["kind"].value_counts().to_dict() if len(result.findings) else {}
     log.info(f"compare shard {shard.index}: {len(seen)} client documents, {checked} pairs compared, "
              f"{len(result.findings)} findings ({_counts(counts)})")
@@ -472,7 +481,7 @@ def _hold_back_named(
     hold = set(routes[clients["name_key"].isin(named_keys)])
     if not hold:
         return clients, elements, keys
-    held += [d for d in docs if route_key(d.get("aktenzeichen"), str(d["_id"])) in hold]
+    held += [d for d in docs if mongo_store.document_route(d) in hold]
     keep = ~routes.isin(hold)
     return clients[keep], elements[elements["client_id"].isin(clients.loc[keep, "client_id"])], [k for k in keys if k not in hold]
 
@@ -481,10 +490,8 @@ def merge_diffs(results: list[DiffResult]) -> DiffResult:
     """One result from the shards' results (any shard without MongoDB makes the comparison skipped)."""
     down = [r for r in results if not r.mongo_available]
     if down:
-        return DiffResult(pd.DataFrame(columns=core_diff.FINDING_COLUMNS), 0, False, down[0].note)
-    frames = [r.findings for r in results if len(r.findings)]
-    findings = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=core_diff.FINDING_COLUMNS)
-    return DiffResult(findings, sum(r.records_checked for r in results), True)
+        return DiffResult.skipped(down[0].note)
+    return DiffResult(_concat_findings([r.findings for r in results]), sum(r.records_checked for r in results), True)
 
 
 def compare(

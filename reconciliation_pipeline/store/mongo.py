@@ -141,12 +141,17 @@ def iter_all_clients(collection: Collection, batch_size: int) -> Iterator[tuple[
     for doc in cursor:
         az = doc.get("aktenzeichen")
         if len(batch) >= batch_size and az != last:
-            yield [route_key(d.get("aktenzeichen"), str(d["_id"])) for d in batch], batch
+            yield [document_route(d) for d in batch], batch
             batch = []
         batch.append(doc)
         last = az
     if batch:
-        yield [route_key(d.get("aktenzeichen"), str(d["_id"])) for d in batch], batch
+        yield [document_route(d) for d in batch], batch
+
+
+def document_route(doc: Mapping) -> str:
+    """keys.route_key of a client document."""
+    return route_key(doc.get("aktenzeichen"), str(doc["_id"]))
 
 
 def iter_answered_since(collection: Collection, start: datetime) -> Iterator[dict]:
@@ -160,20 +165,16 @@ def iter_answered_since(collection: Collection, start: datetime) -> Iterator[dic
     return iter(collection.find(query, {"aktenzeichen": 1}, batch_size=10_000))
 
 
-def iter_by_ids(collection: Collection, ids: Sequence[Any], batch_size: int) -> Iterator[list[dict]]:
-    """Client documents by _id, projected to the compared fields, `batch_size` per query."""
+def iter_by_ids(collection: Collection, ids: Sequence[Any], batch_size: int, projection: Mapping = COMPARED_FIELDS) -> Iterator[list[dict]]:
+    """Client documents by _id (ObjectIds or their hex strings), projected, `batch_size` per query."""
     for chunk in _chunks(list(ids), batch_size):
-        yield list(collection.find({"_id": {"$in": list(chunk)}}, COMPARED_FIELDS, batch_size=1000))
+        object_ids = [ObjectId(i) if isinstance(i, str) and ObjectId.is_valid(i) else i for i in chunk]
+        yield list(collection.find({"_id": {"$in": object_ids}}, projection, batch_size=1000))
 
 
 def fetch_by_ids(collection: Collection, ids: Sequence[Any], batch_size: int) -> dict[str, dict]:
     """Whole client documents by _id (string keys), in batches."""
-    out: dict[str, dict] = {}
-    for chunk in _chunks(list(ids), batch_size):
-        object_ids = [ObjectId(i) if isinstance(i, str) and ObjectId.is_valid(i) else i for i in chunk]
-        for doc in collection.find({"_id": {"$in": object_ids}}, {"final_creditor_list": 1, "aktenzeichen": 1}):
-            out[str(doc["_id"])] = doc
-    return out
+    return {str(d["_id"]): d for docs in iter_by_ids(collection, ids, batch_size, {"final_creditor_list": 1, "aktenzeichen": 1}) for d in docs}
 
 
 def _cas_filter(doc_id: Any, observed: list) -> dict:
