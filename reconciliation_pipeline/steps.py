@@ -160,6 +160,13 @@ def retry_outbox(
         log.warning(f"outbox: {result.note}; {result.deferred} pending messages deferred")
         return result
 
+    with engine.connect() as conn:
+        pending = pg.count_pending_outbox(conn)
+        if not pending:  # no write to serialise: do not queue behind another run's repair
+            result.dead = pg.count_dead_outbox(conn)
+            log.info(f"outbox: nothing pending ({result.dead} dead)")
+            return result
+    log.info(f"outbox: {pending} pending messages; taking the MongoDB writer lock (waits up to {lock_wait_seconds} s)")
     with pg.advisory_lock(engine, pg.MONGO_WRITER_LOCK, lock_wait_seconds) as locked:
         if not locked:
             with engine.connect() as conn:

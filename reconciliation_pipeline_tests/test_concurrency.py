@@ -89,6 +89,21 @@ def _run_ids(instance: dg.DagsterInstance) -> list[str]:
     return [r.run_id for r in instance.get_runs(filters=dg.RunsFilter(job_name="reconciliation_job"))]
 
 
+class HoldFirstRepairRead:
+    """Proxy hook: holds the first repair re-read of the client documents (the run then holds the
+    writer lock and the pool slot) until `gate` is set."""
+
+    def __init__(self) -> None:
+        self.reached, self.gate = threading.Event(), threading.Event()
+
+    def __call__(self, name: str, command: dict | None) -> None:
+        # the repair's re-read by _id (the compare step's reads by _id project the names too)
+        repair_read = command and "_id" in command.get("filter", {}) and "firstName" not in command.get("projection", {})
+        if name == "find" and repair_read and not self.reached.is_set():
+            self.reached.set()
+            self.gate.wait(timeout=150)
+
+
 # ================================================================== two runs at once (advisory lock)
 
 
@@ -100,18 +115,11 @@ def test_two_cli_runs_at_once_repair_each_finding_once_under_the_advisory_lock(p
     home = sqlite_home(tmp_path / "dagster_home")
     with dg.DagsterInstance.from_config(str(home)):
         pass  # create the sqlite storage first: two processes creating it at once race on its alembic stamp
-    reached, gate = threading.Event(), threading.Event()
-
-    def hold_the_first_repair_read(name: str, command: dict | None) -> None:
-        # the repair's re-read by _id (the compare step's reads by _id project the names too)
-        repair_read = command and "_id" in command.get("filter", {}) and "firstName" not in command.get("projection", {})
-        if name == "find" and repair_read and not reached.is_set():
-            reached.set()
-            gate.wait(timeout=150)
+    hold = HoldFirstRepairRead()
+    reached, gate = hold.reached, hold.gate
 
     processes: list[CliProcess] = []
-    with MongoCutProxy(mongo_port(service_env["RECON_MONGO_URI"]), on_request=hold_the_first_repair_read,
-                       max_lifetime=400) as proxy:
+    with MongoCutProxy(mongo_port(service_env["RECON_MONGO_URI"]), on_request=hold, max_lifetime=400) as proxy:
         env = cli_env(pg_url=pg_url, mongo_uri=proxy.uri, mongo_db=mongo_db.name, dagster_home=home)
         config = write_config(tmp_path / "run_config.yaml", repair_lock_wait_seconds=180)
         try:
@@ -155,31 +163,55 @@ def test_two_cli_runs_at_once_repair_each_finding_once_under_the_advisory_lock(p
 # ================================================================== two runs at once (shipped dagster.yaml)
 
 
-def test_two_cli_runs_at_once_with_the_shipped_dagster_yaml(pg, pg_url, mongo_db, service_env, tmp_path, monkeypatch):
+def test_second_cli_run_waits_for_the_pool_slot_with_the_shipped_dagster_yaml(pg, pg_url, mongo_db, service_env, tmp_path, monkeypatch):
+    """PostgreSQL instance with the repo's dagster.yaml: while the first run repairs (held inside its
+    repair step), a second run's MongoDB-writing steps wait for the one slot of the
+    `reconciliation_mongo_writer` pool and start only after the first run's repair ended.
+
+    The second run is started once the first holds the slot: two claims in the same instant can both
+    win in Dagster 1.13 on PostgreSQL (the slot is claimed in autocommit statements, see
+    dagster-io/dagster#34092's review), which is why the advisory lock, tested above, is the guarantee
+    and the pool an addition."""
     email_ids = seed_drift(pg, mongo_db)
     with scratch_database(pg_url) as dagster_pg:
         monkeypatch.setenv("DAGSTER_POSTGRES_URL", dagster_pg)  # the test reads the same instance
         home = repo_yaml_home(tmp_path / "dagster_home")
-        env = cli_env(pg_url=pg_url, mongo_uri=service_env["RECON_MONGO_URI"], mongo_db=mongo_db.name,
-                      dagster_home=home, dagster_postgres_url=dagster_pg)
-        config = write_config(tmp_path / "run_config.yaml", repair_lock_wait_seconds=180)
-        # the deployment step of the README: two first runs at once would otherwise both create the pool's slots
-        pool = run_cli([*dagster_bin(), "instance", "concurrency", "set", MONGO_WRITER_POOL, "1"], env, tmp_path / "logs", name="pool")
-        assert pool.returncode == 0, pool.describe()
-        processes = [CliProcess(execute_args(PARTITION, config), env, tmp_path / "logs", name=f"run{i}") for i in (1, 2)]
-        try:
-            results = [p.wait(timeout=300) for p in processes]
-        finally:
-            for p in processes:
-                p.kill()
-        for result in results:
-            assert result.returncode == 0, result.describe()
-        with dg.DagsterInstance.from_config(str(home)) as instance:
-            run_ids = _run_ids(instance)
-            assert len(run_ids) == 2
-            # the pool-limited ops (MongoDB writers) of the two runs never ran at the same time
-            intervals = sorted(i for r in run_ids for op in ("retry_outbox", "repair_mongo") if (i := _interval(instance, r, op)))
-            assert len(intervals) == 4, intervals
+        hold = HoldFirstRepairRead()
+        processes: list[CliProcess] = []
+        with MongoCutProxy(mongo_port(service_env["RECON_MONGO_URI"]), on_request=hold, max_lifetime=400) as proxy, \
+                dg.DagsterInstance.from_config(str(home)) as instance:
+            env = cli_env(pg_url=pg_url, mongo_uri=proxy.uri, mongo_db=mongo_db.name,
+                          dagster_home=home, dagster_postgres_url=dagster_pg)
+            config = write_config(tmp_path / "run_config.yaml", repair_lock_wait_seconds=180)
+            # the deployment step of the README: two first runs at once would otherwise both create the pool's slots
+            pool = run_cli([*dagster_bin(), "instance", "concurrency", "set", MONGO_WRITER_POOL, "1"], env, tmp_path / "logs", name="pool")
+            assert pool.returncode == 0, pool.describe()
+
+            def waiting_steps() -> list[str]:
+                info = instance.event_log_storage.get_concurrency_info(MONGO_WRITER_POOL)
+                return [p.step_key for p in info.pending_steps if p.assigned_timestamp is None]
+
+            try:
+                processes.append(CliProcess(execute_args(PARTITION, config), env, tmp_path / "logs", name="run1"))
+                wait_until(hold.reached.is_set, timeout=120, interval=0.5, what="the first run's repair",
+                           debug=lambda: processes[0].result().describe(1500))
+                processes.append(CliProcess(execute_args(PARTITION, config), env, tmp_path / "logs", name="run2"))
+                waiting = wait_until(waiting_steps, timeout=120, interval=0.5, what="the second run to wait for the pool slot",
+                                     debug=lambda: processes[1].result().describe(1500))
+                assert [k.split(".")[-1] for k in waiting] == ["retry_outbox"], waiting
+                time.sleep(2)
+            finally:
+                hold.gate.set()
+            try:
+                results = [p.wait(timeout=240) for p in processes]
+            finally:
+                for p in processes:
+                    p.kill()
+            for result in results:
+                assert result.returncode == 0, result.describe()
+            first, second = sorted(_run_ids(instance), key=lambda r: instance.get_run_record_by_id(r).create_timestamp)
+            intervals = [_interval(instance, run, op) for run in (first, second) for op in ("retry_outbox", "repair_mongo")]
+            assert all(intervals), intervals
             for (_, end_a), (start_b, _) in zip(intervals, intervals[1:]):
                 assert end_a <= start_b, f"two MongoDB-writing steps overlapped: {intervals}"
     assert amounts(mongo_db) == EXPECTED

@@ -244,21 +244,24 @@ PG_KILLS = {
     # the first MongoDB writer (the outbox step) waits for the writer advisory lock the test holds
     "writer_lock_wait": dict(block="advisory", op="retry_outbox", expect_success=False,
                              settings={"repair_lock_wait_seconds": 90}),
-    # the repair wrote MongoDB and waits to insert its audit rows (table locked once the outbox step is done)
-    "repair_audit_insert": dict(block="findings_after_outbox", op="repair_mongo", expect_success=False, settings={}),
+    # the repair wrote MongoDB and waits to record the outcome in its audit rows (the test locks the table
+    # when the repair's update command, the run's second, reaches MongoDB through a proxy)
+    "repair_audit_insert": dict(block="findings_at_repair_write", op="repair_mongo", expect_success=False, settings={}),
     # the PostgreSQL extract (dry run: the outbox step does not read incoming_emails) is retried by its policy
     "extract_read": dict(block="incoming_emails", op="extract_postgres", expect_success=True, settings={"dry_run": True}),
 }
 
 
 @pytest.mark.parametrize("case", list(PG_KILLS))
-def test_postgres_connection_terminated_mid_run(case, pg, mongo_db, reconcile):
+def test_postgres_connection_terminated_mid_run(case, pg, mongo_db, resources, service_env, reconcile):
     spec = PG_KILLS[case]
     ids = seed(pg, mongo_db)
     before = snapshot(mongo_db)
     instance = reconcile.instance
     blocker = pg.connect()
     thread = None
+    proxy = None
+    direct_mongo = resources["mongo"]
     try:
         if spec["block"] == "incoming_emails":
             blocker.execute(sa.text("LOCK TABLE incoming_emails IN ACCESS EXCLUSIVE MODE"))
@@ -270,10 +273,14 @@ def test_postgres_connection_terminated_mid_run(case, pg, mongo_db, reconcile):
             thread, box = _run_in_thread(reconcile, **spec["settings"])
             waiting = lambda: _advisory_waiter(pg, instance, spec["op"])  # noqa: E731
         else:
+            def lock_findings_at_the_repair_write(command: str, count: int) -> None:
+                if command == "update" and count == 2:  # the outbox delivery sent the first
+                    blocker.execute(sa.text("LOCK TABLE reconciliation_findings IN EXCLUSIVE MODE"))
+
+            proxy = MongoCutProxy(mongo_port(service_env["RECON_MONGO_URI"]), on_command=lock_findings_at_the_repair_write,
+                                  max_lifetime=240).__enter__()
+            resources["mongo"] = MongoResource(uri=proxy.uri, database=mongo_db.name, server_selection_timeout_ms=3000)
             thread, box = _run_in_thread(reconcile, **spec["settings"])
-            wait_until(lambda: "STEP_SUCCESS" in _step_events(instance, "retry_outbox"), timeout=90,
-                       what="the outbox step to finish")
-            blocker.execute(sa.text("LOCK TABLE reconciliation_findings IN EXCLUSIVE MODE"))
             waiting = lambda: _lock_waiters(pg)  # noqa: E731
         waiters = wait_until(waiting, timeout=90, what=f"the run to wait on {spec['block']}",
                              debug=lambda: str(pipeline_backends(pg)))
@@ -288,6 +295,9 @@ def test_postgres_connection_terminated_mid_run(case, pg, mongo_db, reconcile):
         blocker.close()
         if thread is not None:
             thread.join(timeout=180)
+        if proxy is not None:
+            proxy.__exit__(None, None, None)
+        resources["mongo"] = direct_mongo
     assert not thread.is_alive(), "the run did not finish within 180s after its connection was terminated"
     assert "error" not in box, box.get("error")
     result = box["result"]

@@ -173,3 +173,30 @@ def test_redelivery_is_idempotent(pg, mongo_db, reconcile):
     assert reconcile().success
     assert element(mongo_db) == first
     assert outbox_row(pg, mid)["processed_at"] is not None
+
+
+def test_an_empty_outbox_does_not_wait_for_another_runs_writer_lock(pg, mongo_db, reconcile):
+    """Another run holds the MongoDB writer lock (it is repairing): with nothing pending this run's
+    outbox step goes on at once; with one message pending it waits and then defers it untouched."""
+    import time
+
+    from reconciliation_pipeline.store.postgres import MONGO_WRITER_LOCK
+
+    add_client(mongo_db, "542900", [creditor(SENDER, 100.0)])
+    with pg.connect() as holder:
+        holder.execute(sa.select(sa.func.pg_advisory_lock(MONGO_WRITER_LOCK)))
+        holder.commit()
+        try:
+            started = time.monotonic()
+            assert reconcile(repair_lock_wait_seconds=30).success
+            assert time.monotonic() - started < 20, "the outbox step waited for a lock it did not need"
+            [report] = reports(pg)
+            assert (report["outbox_retried"], report["outbox_deferred"]) == (0, 0)
+
+            mid = add_outbox(pg, payload())
+            assert reconcile(repair_lock_wait_seconds=2).success
+            assert outbox_row(pg, mid)["processed_at"] is None and outbox_row(pg, mid)["retry_count"] == 0
+            assert (reports(pg)[-1]["outbox_retried"], reports(pg)[-1]["outbox_deferred"]) == (0, 1)
+        finally:
+            holder.execute(sa.select(sa.func.pg_advisory_unlock(MONGO_WRITER_LOCK)))
+            holder.commit()
