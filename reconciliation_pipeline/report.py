@@ -101,6 +101,7 @@ def build_report(
             "findings_total": int(len(findings)),
             "by_kind": {k: int(v) for k, v in kinds.items()},
             "by_action": {k: int(v) for k, v in actions.items()},
+            "unverified_writes_read_back": int(outbox.settled),
             "notes": notes,
         },
     }
@@ -112,6 +113,7 @@ def build_report(
         "extra_in_mongo": dg.MetadataValue.int(int(kinds.get(EXTRA_IN_MONGO, 0))),
         **{f"kind_{k}": dg.MetadataValue.int(int(kinds.get(k, 0))) for k in KINDS if k != EXTRA_IN_MONGO},
         "unrepaired_findings": dg.MetadataValue.int(unrepaired),
+        "unverified_writes_read_back": dg.MetadataValue.int(int(outbox.settled)),
         "drift_rate": dg.MetadataValue.float(round(float(drift_rate), 6)),
         "mongo_available": dg.MetadataValue.bool(bool(repaired.mongo_available)),
         "dry_run": dg.MetadataValue.bool(run.dry_run),

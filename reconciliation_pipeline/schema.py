@@ -101,5 +101,6 @@ reconciliation_findings = sa.Table(
     sa.Column("error", sa.Text),
     sa.Column("client_id", sa.String(64)),
     sa.Column("match_level", sa.SmallInteger),
+    sa.Column("creditor_pos", sa.Integer),  # index in final_creditor_list of a write, for the read-back
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
 )

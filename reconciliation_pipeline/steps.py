@@ -79,6 +79,7 @@ class OutboxResult:
     deferred: int = 0
     dead: int = 0
     became_dead: int = 0
+    settled: int = 0  # writes of ended runs read back (see settle_unverified_writes)
     note: str | None = None
 
 
@@ -100,7 +101,7 @@ HELD_BACK = "held back: an older message of the same aggregate failed in this ru
 
 def _deliver_batch(
     collection: Collection, messages: list[Mapping[str, Any]], requests: Mapping[int, DeliveryRequest], batch_size: int,
-    record_intent: Callable[[list[int]], dict[int, int]],
+    record_intent: Callable[[dict[int, tuple[str, int]]], dict[int, int]],
 ) -> tuple[dict[int, core_repair.Outcome], dict[int, str], dict[int, int]]:
     """Match each message to its client's creditor and write them with the shared CAS writer."""
     frame = _request_frame(messages, requests)
@@ -141,7 +142,7 @@ def _deliver_batch(
                 response_text=request.response_text, reference_numbers=request.reference_numbers,
             )
         )
-    intent = record_intent([u.key for us in updates.values() for u in us]) if updates else {}
+    intent = record_intent({u.key: (cid, u.pos) for cid, us in updates.items() for u in us}) if updates else {}
     outcomes = mongo_store.write_updates(collection, by_id, updates, batch_size) if updates else {}
     return outcomes, failures, intent
 
@@ -162,7 +163,8 @@ def retry_outbox(
 
     with engine.connect() as conn:
         pending = pg.count_pending_outbox(conn)
-        if not pending:  # no write to serialise: do not queue behind another run's repair
+        unverified = pg.unverified_writes(conn, IN_FLIGHT, 1)
+        if not pending and not unverified:  # nothing to write or read back: do not queue behind another run's repair
             result.dead = pg.count_dead_outbox(conn)
             log.info(f"outbox: nothing pending ({result.dead} dead)")
             return result
@@ -175,8 +177,45 @@ def retry_outbox(
             result.note = "another reconciliation run held the MongoDB writer lock: outbox deferred"
             log.warning(f"outbox: {result.note}")
             return result
+        try:
+            with collection_factory() as collection:
+                result.settled = settle_unverified_writes(engine, collection, mongo_batch_size, log)
+        except ConnectionFailure as exc:
+            log.warning(f"outbox: unverified writes of ended runs not read back: MongoDB unreachable ({type(exc).__name__})")
         _deliver_pending(engine, collection_factory, ctx, batch_size, mongo_batch_size, log, result)
     return result
+
+
+def settle_unverified_writes(engine: Engine, collection: Collection, batch_size: int, log: Logger, limit: int = 100_000) -> int:
+    """Read back the writes that killed runs sent but never verified and record their outcome.
+
+    Runs under the writer lock, before any delivery: an outbox message whose write is found applied is
+    marked delivered instead of being sent again. Returns how many audit rows were settled.
+    """
+    with engine.connect() as conn:
+        rows = pg.unverified_writes(conn, IN_FLIGHT, limit)
+    if not rows:
+        return 0
+    documents = mongo_store.fetch_by_ids(collection, sorted({r["client_id"] for r in rows if r["client_id"]}), batch_size)
+    outcomes, applied_messages = [], {}
+    for row in rows:
+        creditors = (documents.get(row["client_id"]) or {}).get("final_creditor_list") if row["client_id"] else None
+        # an outbox row names the payload's creditor e-mail, not necessarily the element's: position only
+        address = None if row["outbox_message_id"] is not None else row["creditor_email"]
+        outcome = core_repair.settle_unverified(creditors, row["creditor_pos"], row["pg_amount_cents"], address)
+        outcomes.append({"finding_id": row["id"], "action": outcome.action, "error": outcome.error,
+                         "after": outcome.after_cents, "before": None})
+        if outcome.action == core_repair.REPAIRED and row["outbox_message_id"] is not None:
+            applied_messages[row["outbox_message_id"]] = row["email_id"]
+    with engine.begin() as conn:
+        marked = pg.mark_pending_delivered(conn, applied_messages) if applied_messages else []
+        pg.update_finding_outcomes(conn, outcomes)
+    applied = sum(o["action"] == core_repair.REPAIRED for o in outcomes)
+    log.warning(
+        f"outbox: read back {len(rows)} writes that ended runs left unverified: {applied} applied, "
+        f"{len(rows) - applied} not applied (compared again); {len(marked)} outbox messages marked delivered"
+    )
+    return len(rows)
 
 
 def _deliver_pending(
@@ -212,11 +251,12 @@ def _deliver_pending(
                         continue
                     requests[m["id"]] = request
                     deliverable.append(m)
-                def record_intent(mids: list[int]) -> dict[int, int]:
+                def record_intent(targets: dict[int, tuple[str, int]]) -> dict[int, int]:
                     # audit rows before the write, so that a run killed before its commit leaves a record
                     by_mid = {m["id"]: m for m in deliverable}
-                    rows = [_outbox_audit(ctx, by_mid[mid], requests[mid], core_repair.REPAIR_FAILED, IN_FLIGHT) for mid in mids]
-                    return dict(zip(mids, pg.insert_findings(engine, rows, returning_ids=True)))
+                    rows = [_outbox_audit(ctx, by_mid[mid], requests[mid], core_repair.REPAIR_FAILED, IN_FLIGHT, target=target)
+                            for mid, target in targets.items()]
+                    return dict(zip(targets, pg.insert_findings(engine, rows, returning_ids=True)))
 
                 outcomes, failures, intent = (
                     _deliver_batch(collection, deliverable, requests, mongo_batch_size, record_intent)
@@ -277,9 +317,11 @@ def _deliver_pending(
 
 def _outbox_audit(
     ctx: RunContext, message: Mapping[str, Any], request: DeliveryRequest | None, action: str, error: str | None,
-    outcome: core_repair.Outcome | None = None,
+    outcome: core_repair.Outcome | None = None, target: tuple[str, int] | None = None,
 ) -> dict:
     return {
+        "client_id": target[0] if target else None,
+        "creditor_pos": target[1] if target else None,
         "report_id": ctx.report_id,
         "email_id": message["email_id"],
         "outbox_message_id": message["id"],
@@ -634,6 +676,7 @@ def audit_rows(ctx: RunContext, findings: pd.DataFrame) -> list[dict]:
             "error": findings["error"].map(lambda v: v if isinstance(v, str) else None),
             "client_id": findings["client_id"].map(lambda v: v if isinstance(v, str) else None),
             "match_level": findings["match_level"].astype(object),
+            "creditor_pos": findings["pos"].astype(object),
         }
     )
     frame = frame.astype(object).where(frame.notna(), None)

@@ -26,6 +26,7 @@ from reconciliation_pipeline.core.repair import (
     answered_element,
     current_amount,
     plan_client,
+    settle_unverified,
     verify,
 )
 
@@ -364,3 +365,37 @@ def test_plan_from_diff_finding_applies_and_verifies(mongo_element):
     concurrent[1]["creditor_response_amount"] = 1.5
     assert plan_client(concurrent, [u]).conflicts
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Read-back of a write whose run ended first
+# ---------------------------------------------------------------------------------------------
+
+_ANSWERED = {"sender_email": "Forderungen@Sparkasse-Bochum.de", "creditor_response_amount": 1234.56,
+             "current_debt_amount": 1234.56, "amount_source": "creditor_response", "claim_amount": 1500.0}
+
+
+@pytest.mark.parametrize(
+    "creditors, pos, cents, address, action, after, says",
+    [
+        ([_ANSWERED], 0, 123456, "forderungen@sparkasse-bochum.de", "repaired", 123456, "applied"),
+        ([_ANSWERED], 0, 123456, None, "repaired", 123456, "applied"),
+        ([{"x": 1}, _ANSWERED], 1, 123456, " FORDERUNGEN@sparkasse-bochum.de ", "repaired", 123456, "applied"),
+        ([_ANSWERED], 0, 99900, "forderungen@sparkasse-bochum.de", "repair_failed", 123456, "does not hold the amount sent"),
+        ([{**_ANSWERED, "current_debt_amount": 1.0}], 0, 123456, None, "repair_failed", 123456, "does not hold"),
+        ([{**_ANSWERED, "amount_source": "claim"}], 0, 123456, None, "repair_failed", 123456, "does not hold"),
+        ([{k: v for k, v in _ANSWERED.items() if k != "creditor_response_amount"}], 0, 123456, None, "repair_failed", None, "does not hold"),
+        ([_ANSWERED], 0, 123456, "mahnwesen@telekom.de", "repair_failed", None, "another creditor is at position 0"),
+        ([_ANSWERED], 1, 123456, None, "repair_failed", None, "gone"),
+        ([_ANSWERED], -1, 123456, None, "repair_failed", None, "gone"),
+        (None, 0, 123456, None, "repair_failed", None, "gone"),
+        (["not an element"], 0, 123456, None, "repair_failed", None, "gone"),
+        ([_ANSWERED], None, 123456, None, "repair_failed", None, "position was not recorded"),
+    ],
+    ids=["applied", "applied_no_address", "applied_address_case", "other_amount", "debt_not_set", "not_an_answer",
+         "no_amount", "other_creditor", "pos_past_end", "negative_pos", "document_gone", "element_not_mapping", "no_pos"],
+)
+def test_settle_unverified(creditors, pos, cents, address, action, after, says):
+    outcome = settle_unverified(creditors, pos, cents, address)
+    assert (outcome.action, outcome.after_cents) == (action, after)
+    assert says in outcome.error and "read back by a later run" in outcome.error

@@ -27,6 +27,7 @@ import sqlalchemy as sa
 
 from reconciliation_pipeline import faults
 from reconciliation_pipeline.resources import MongoResource, PostgresResource
+from reconciliation_pipeline.steps import IN_FLIGHT
 from reconciliation_pipeline.store.postgres import MONGO_WRITER_LOCK
 from reconciliation_pipeline_tests.builders import (
     PARTITION, WINDOW_END, add_client, add_email, add_key, add_outbox, creditor, reply,
@@ -385,7 +386,15 @@ def test_sigkill_at_each_named_point_then_rerun_converges(point, pg, pg_url, mon
     if point != "after_report_created":
         assert element(mongo_db, "542901") == after_kill
     if point == "after_outbox_mongo_write":
-        assert deliveries[0]["mongo_amount_cents_before"] == OUTBOX_CENTS  # the redelivery found it applied
+        # the killed run's own write, read back by the re-run, which marked the message delivered instead of sending it again
+        assert deliveries[0]["report_id"] == stale["id"] and "read back by a later run" in deliveries[0]["error"], deliveries
+    # no write is left "not verified": the re-run read back what the killed run sent
+    audit = audit_rows(pg)
+    assert not [a for a in audit if a["error"] == IN_FLIGHT], audit
+    if point == "after_repair_mongo_write":
+        killed_repairs = [a for a in audit if a["report_id"] == stale["id"] and a["kind"] != "outbox_delivery" and a["pg_amount_cents"]]
+        assert killed_repairs and all(a["action"] == "repaired" and a["mongo_amount_cents_after"] == a["pg_amount_cents"]
+                                      for a in killed_repairs if a["kind"] in ("data_mismatch", "missing_in_mongo")), killed_repairs
     # a repair is never done twice: every finding of the window is repaired at most once
     repaired = [a["email_id"] for a in audit_rows(pg) if a["action"] == "repaired" and a["kind"] != "outbox_delivery"]
     assert len(repaired) == len(set(repaired)), repaired

@@ -133,3 +133,35 @@ def verify(read_back: Any, update: ElementUpdate) -> tuple[bool, int | None]:
         and _same(element.get("sender_name"), update.sender_name)
     )
     return ok, after
+
+
+READ_BACK_LATER = "write sent by a run that ended before its read-back; read back by a later run"
+
+
+def _address(value: Any) -> str | None:
+    return value.strip().lower() or None if isinstance(value, str) else None
+
+
+def settle_unverified(creditors: Any, pos: int | None, cents: int | None, creditor_email: str | None) -> Outcome:
+    """The outcome of a write whose run ended before reading it back, judged from the element now.
+
+    `repaired` only if the element at `pos` is still that creditor and carries the amount sent;
+    otherwise `repair_failed` (the next comparison of the pair decides what to do).
+    """
+    if pos is None or cents is None:
+        return Outcome(REPAIR_FAILED, error=f"{READ_BACK_LATER}: not possible, the write's creditor position was not recorded")
+    element = creditors[pos] if isinstance(creditors, list) and 0 <= pos < len(creditors) else None
+    if not isinstance(element, Mapping):
+        return Outcome(REPAIR_FAILED, error=f"{READ_BACK_LATER}: the client document or creditor element is gone")
+    recorded, now = _address(creditor_email), _address(element.get("sender_email"))
+    if recorded and now and recorded != now:
+        return Outcome(REPAIR_FAILED, error=f"{READ_BACK_LATER}: another creditor is at position {pos} now")
+    after = _cents_or_none(current_amount(element))
+    applied = (
+        after == cents
+        and try_cents(element.get("current_debt_amount"))[0] == cents
+        and element.get("amount_source") == "creditor_response"
+    )
+    if applied:
+        return Outcome(REPAIRED, after_cents=after, error=f"{READ_BACK_LATER}: applied")
+    return Outcome(REPAIR_FAILED, after_cents=after, error=f"{READ_BACK_LATER}: MongoDB does not hold the amount sent")
