@@ -13,13 +13,15 @@ from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import numpy as np
 import pandas as pd
 import pytest
 from bson import Decimal128
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reconciliation_pipeline.core import frames
+from reconciliation_pipeline.core import diff as diff_module
+from reconciliation_pipeline.core import frames, keys
 from reconciliation_pipeline.core.diff import (
     AMBIGUOUS_CLIENT,
     AMBIGUOUS_CREDITOR,
@@ -843,3 +845,352 @@ def test_window_in_berlin_time():
         findings, _ = run([email(1, reply(amount=1234.56))], _extra_docs(response_received_at=at.astimezone(berlin)),
                           window_start=start, window_end=end)
         assert kinds(findings) == ([(EXTRA_IN_MONGO, None)] if flagged else [])
+
+
+# ---------------------------------------------------------------------------------------------
+# The vectorised matching against its former pandas-merge implementation (the oracle below) and
+# its building blocks against plain pandas. The oracle is the code the fast path replaced, kept
+# verbatim (docstrings dropped): same findings, same order, same dtypes.
+# ---------------------------------------------------------------------------------------------
+
+def ref_match_clients(emails: pd.DataFrame, clients: pd.DataFrame) -> pd.DataFrame:
+    base = emails[["email_id", "az_key", "az_reason"]]
+    by_az = base.dropna(subset=["az_key"]).merge(clients[["client_id", "az_key"]], on="az_key")
+    no_az = (base["az_key"].isna() & base["az_reason"].isna()).to_numpy(bool)
+    named = emails.loc[no_az, ["email_id", "client_name"]]
+    named = named.assign(name_key=keys.client_name_key(named["client_name"].astype(object))).dropna(subset=["name_key"])
+    by_name = named.merge(clients[["client_id", "name_key"]].dropna(subset=["name_key"]), on="name_key")
+    candidates = pd.concat([by_az[["email_id", "client_id"]], by_name[["email_id", "client_id"]]])
+    counts = candidates.groupby("email_id")["client_id"].agg(["count", "first"])
+
+    out = base[["email_id"]].copy()
+    out["n"] = out["email_id"].map(counts["count"]).fillna(0).astype(int)
+    first = out["email_id"].map(counts["first"]).where(out["n"] == 1)
+    coded = pd.api.types.is_integer_dtype(clients["client_id"])
+    out["client_id"] = first.astype("Int64") if coded else first.astype(object)
+    out["client_status"] = np.select([out["n"] == 1, out["n"] > 1], ["matched", "ambiguous"], "not_found")
+    reason = base["az_reason"].astype(object)
+    has_name = pd.Series(False, index=base.index)
+    has_name.loc[named.index] = True
+    has_key = base["az_key"].notna() | has_name
+    reason = reason.mask(reason.isna() & ~has_key, "no client_aktenzeichen or client_name")
+    reason = reason.mask(reason.isna() & (out["n"] == 0), "no client document with this aktenzeichen or name")
+    reason = reason.mask(out["n"] > 1, out["n"].astype(str) + " client documents match")
+    out["client_status"] = out["client_status"].where(base["az_reason"].isna(), "not_found")
+    out["client_id"] = out["client_id"].where(base["az_reason"].isna())
+    out["client_reason"] = reason
+    return out.drop(columns="n")
+
+
+def ref_shares_word(left: pd.Series, right: pd.Series) -> np.ndarray:
+    return np.fromiter((bool(a & b) for a, b in zip(left, right)), dtype=bool, count=len(left))
+
+
+def ref_creditor_candidates(emails: pd.DataFrame, elements: pd.DataFrame) -> pd.DataFrame:
+    n = len(emails)
+    client_code, _ = pd.factorize(pd.concat([emails["client_id"], elements["client_id"]], ignore_index=True).astype(object))
+    key_code, key_values = pd.factorize(pd.concat([emails["from_email_key"], elements["sender_email_key"]], ignore_index=True).astype(object))
+    pair = client_code.astype(np.int64) * (len(key_values) + 1) + key_code  # unique per (client, e-mail key)
+    has_key = key_code >= 0
+    left = pd.DataFrame({"email_id": emails["email_id"].to_numpy(), "client_id": emails["client_id"].to_numpy(), "k": pair[:n]})
+    right = pd.DataFrame({"pos": elements["pos"].to_numpy(np.int64), "k": pair[n:]})
+    l1 = left[has_key[:n]].merge(right[has_key[n:]], on="k")[["email_id", "client_id", "pos"]].assign(level=1)
+    rest = emails[~emails["email_id"].isin(l1["email_id"])]
+    rest = rest.assign(creditor_name_key=keys.text_key(rest["creditor_name"].astype(object)))
+    needed = elements[elements["client_id"].isin(rest["client_id"])]
+    needed = needed.assign(sender_name_key=keys.text_key(needed["observed_sender_name"].astype(object)))
+    l2 = rest[["email_id", "client_id", "creditor_name_key"]].dropna(subset=["creditor_name_key"]).merge(
+        needed[["client_id", "pos", "sender_name_key"]].dropna(subset=["sender_name_key"]),
+        left_on=["client_id", "creditor_name_key"], right_on=["client_id", "sender_name_key"],
+    )[["email_id", "client_id", "pos"]].assign(level=2)
+    rest = rest[~rest["email_id"].isin(l2["email_id"])]
+    cand = rest[["email_id", "client_id", "from_email_key", "creditor_name"]].merge(
+        needed[["client_id", "pos", "sender_email_key", "observed_sender_name"]], on="client_id"
+    )
+    words = keys.name_words(cand["creditor_name"].astype(object))
+    sender_words = keys.name_words(cand["observed_sender_name"].astype(object))
+    shared = ref_shares_word(words, sender_words)
+    same_domain = (keys.email_domain(cand["from_email_key"]) == keys.email_domain(cand["sender_email_key"])).fillna(False).to_numpy(bool)
+    cand = cand.assign(level=np.select([shared & same_domain, shared], [3, 4], 0))[["email_id", "client_id", "pos", "level"]]
+    cand = cand[cand["level"] > 0]
+    cand = cand[cand["level"] == cand.groupby("email_id")["level"].transform("min")]
+    out = pd.concat([l1, l2, cand], ignore_index=True)
+    return out.astype({"client_id": emails["client_id"].dtype, "pos": "int64", "level": "int64"})
+
+
+def ref_match_creditors(emails: pd.DataFrame, elements: pd.DataFrame) -> pd.DataFrame:
+    winners = ref_creditor_candidates(emails, elements)
+    stats = winners.groupby("email_id").agg(n=("pos", "size"), pos=("pos", "first"), level=("level", "first"))
+
+    out = emails[["email_id"]].copy()
+    out["n"] = out["email_id"].map(stats["n"]).fillna(0).astype(int)
+    out["pos"] = out["email_id"].map(stats["pos"]).where(out["n"] == 1).astype("Int64")
+    out["match_level"] = out["email_id"].map(stats["level"]).astype("Int64")
+    out["creditor_status"] = np.select([out["n"] == 1, out["n"] > 1], ["matched", "ambiguous"], "not_found")
+    out.attrs["candidates"] = winners[["email_id", "client_id", "pos"]].reset_index(drop=True)
+    reason = np.full(len(out), "no creditor of this client matches the sender or creditor name", dtype=object)
+    several = (out["n"] > 1).to_numpy(bool)
+    if several.any():
+        reason[several] = (out.loc[several, "n"].astype(str) + " creditors match at level " + out.loc[several, "match_level"].astype(str)).to_numpy(object)
+    out["creditor_reason"] = reason
+    return out.drop(columns="n")
+
+
+def ref_match(emails: pd.DataFrame, clients: pd.DataFrame, elements: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    ids, clients, elements = ref_coded(clients, elements)
+    matched, candidates = ref_match_inner(emails.reset_index(drop=True), clients, elements)
+    matched["client_id"] = ref_decoded(ids, matched["client_id"])
+    candidates["client_id"] = ref_decoded(ids, candidates["client_id"])
+    return matched, candidates
+
+
+def ref_coded(clients: pd.DataFrame, elements: pd.DataFrame) -> tuple[pd.Index, pd.DataFrame, pd.DataFrame]:
+    ids = pd.Index(pd.unique(np.concatenate([clients["client_id"].to_numpy(object), elements["client_id"].to_numpy(object)])))
+    return (
+        ids,
+        clients.assign(client_id=ids.get_indexer(clients["client_id"].to_numpy(object)).astype(np.int64)),
+        elements.assign(client_id=ids.get_indexer(elements["client_id"].to_numpy(object)).astype(np.int64)),
+    )
+
+
+def ref_decoded(ids: pd.Index, codes: pd.Series) -> pd.Series:
+    values = pd.array(codes, dtype="Int64")
+    out = np.full(len(values), None, dtype=object)
+    present = ~pd.isna(values)
+    out[present] = ids.to_numpy(object)[values[present].to_numpy(np.int64)]
+    return pd.Series(out, index=codes.index, dtype=object)
+
+
+def ref_match_inner(emails: pd.DataFrame, clients: pd.DataFrame, elements: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    client_match = ref_match_clients(emails, clients)
+    matched = emails.join(client_match.drop(columns="email_id"))  # same index, one row per email
+    found = matched.loc[matched["client_status"] == "matched", ["email_id", "client_id", "from_email_key", "creditor_name"]]
+    creditors = ref_match_creditors(found.astype({"client_id": "int64"}), elements)
+    candidates = creditors.attrs.pop("candidates")
+    return matched.join(creditors.drop(columns="email_id")), candidates
+
+
+def ref_email_findings(rows: pd.DataFrame, kind: str, reason: pd.Series) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "kind": kind,
+            "email_id": rows["email_id"],
+            "client_id": rows.get("client_id"),
+            "aktenzeichen": rows["az_key"].astype(object),
+            "creditor_email": rows["from_email_key"],
+            "pg_amount_cents": rows["amount_cents"],
+            "received_at": rows["received_at"],
+            "reason": reason,
+        }
+    )
+
+
+REF_PAIR_COLUMNS = ["email_id", "client_id", "pos", "match_level", "received_at", "in_window", "amount_cents", "amount_reason",
+                 "from_email_key", "az_key"]
+
+
+def ref_diff(emails: pd.DataFrame, clients: pd.DataFrame, elements: pd.DataFrame, options: DiffOptions) -> tuple[pd.DataFrame, int]:
+    ids, coded_clients, elements = ref_coded(clients, elements)
+    m, candidates = ref_match_inner(emails.reset_index(drop=True), coded_clients, elements)
+    window = m[m["in_window"]]
+    parts: list[pd.DataFrame] = []
+
+    not_client = window[window["client_status"] != "matched"]
+    for status, kind in (("not_found", CLIENT_NOT_FOUND), ("ambiguous", AMBIGUOUS_CLIENT)):
+        rows = not_client[not_client["client_status"] == status]
+        parts.append(ref_email_findings(rows, kind, rows["client_reason"]))
+    not_creditor = window[(window["client_status"] == "matched") & (window["creditor_status"] != "matched")]
+    for status, kind in (("not_found", CREDITOR_NOT_FOUND), ("ambiguous", AMBIGUOUS_CREDITOR)):
+        rows = not_creditor[not_creditor["creditor_status"] == status]
+        parts.append(ref_email_findings(rows, kind, rows["creditor_reason"]))
+
+    # Expected amount per (client, creditor) pair: the newest matched email overall.
+    paired = m.loc[m["creditor_status"] == "matched", REF_PAIR_COLUMNS].sort_values(["received_at", "email_id"])
+    window_pairs = paired.loc[paired["in_window"], ["client_id", "pos"]].drop_duplicates()
+    newest = paired.drop_duplicates(["client_id", "pos"], keep="last").merge(window_pairs, on=["client_id", "pos"])
+    newest = newest.astype({"client_id": "int64", "pos": "int64"})
+    records_checked = len(newest) + len(not_client) + len(not_creditor)
+
+    # The datacompy-style core: one outer merge with an indicator against the creditor elements.
+    el = elements
+    merged = newest.merge(el, on=["client_id", "pos"], how="outer", indicator=True)
+    both = merged[merged["_merge"] == "both"]
+    pg_ok = both["amount_cents"].notna().to_numpy(bool)
+    mongo_missing = both["mongo_missing"].to_numpy(bool)
+    mongo_ok = both["mongo_cents"].notna().to_numpy(bool)
+    differs = ((both["amount_cents"] - both["mongo_cents"]).abs() > options.tolerance_cents).fillna(False).to_numpy(bool)
+    kind = np.select(
+        [~pg_ok, mongo_missing, ~mongo_ok, differs],
+        [INVALID_PG_AMOUNT, MISSING_IN_MONGO, INVALID_MONGO_AMOUNT, DATA_MISMATCH],
+        "",
+    )
+    reason = np.select(
+        [~pg_ok, ~mongo_missing & ~mongo_ok],
+        [both["amount_reason"].astype(object).to_numpy(), both["mongo_reason"].astype(object).to_numpy()],
+        None,
+    )
+    compared = both.assign(kind=kind, reason=reason)
+    compared = compared[compared["kind"] != ""]
+    compared = compared.assign(
+        creditor_email=compared["sender_email_key"].fillna(compared["from_email_key"]),
+        observed_response_at=compared["response_received_at"],
+    )
+
+    # A creditor answer in MongoDB inside the window that no synced email maps to.
+    mapped = candidates[["client_id", "pos"]].drop_duplicates().astype({"client_id": "int64", "pos": "int64"}).assign(_mapped=True)
+    el_only = el.merge(mapped, on=["client_id", "pos"], how="left")
+    in_window = (el_only["response_received_at"] >= options.window_start) & (
+        el_only["response_received_at"] < options.window_end
+    )
+    extra = el_only[
+        el_only["_mapped"].isna() & (el_only["amount_source"] == "creditor_response") & in_window.fillna(False)
+    ]
+    extra = extra.assign(
+        kind=EXTRA_IN_MONGO,
+        creditor_email=extra["sender_email_key"],
+        observed_response_at=extra["response_received_at"],
+        reason="no synced email maps to this creditor answer",
+    )
+
+    parts += [compared, extra]
+    findings = pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else pd.DataFrame()
+    findings = findings.reindex(columns=FINDING_COLUMNS + ["amount_cents", "mongo_cents"])
+    findings["pg_amount_cents"] = findings["pg_amount_cents"].astype("Int64").fillna(findings["amount_cents"].astype("Int64"))
+    findings["mongo_amount_cents"] = findings["mongo_cents"].astype("Int64")
+    findings["email_id"] = findings["email_id"].astype("Int64")
+    findings["pos"] = findings["pos"].astype("Int64")
+    findings = findings.drop(columns=["amount_cents", "mongo_cents"])
+    findings["client_id"] = ref_decoded(ids, findings["client_id"])
+    findings = diff_module._attach_aktenzeichen(findings, clients)
+    findings["repairable"] = diff_module._repairable(findings, options)
+    return findings.reset_index(drop=True), int(records_checked)
+
+
+_TEXTS = ["a", "b", "A", "", " a", "äß", None, float("nan")]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(_TEXTS), max_size=8), min_size=1, max_size=4))
+def test_factorized_is_factorize_of_the_concatenation(columns):
+    arrays = [np.array(c, dtype=object) for c in columns]
+    codes, uniques = diff_module._factorized(*arrays)
+    want_codes, want_uniques = pd.factorize(np.concatenate(arrays))
+    assert np.array_equal(np.concatenate(codes), want_codes)
+    assert list(uniques) == list(want_uniques)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(-1, 4), max_size=12), st.lists(st.integers(-1, 4), max_size=12))
+def test_equi_join_is_an_inner_merge(left, right):
+    left, right = np.array(left, dtype=np.int64), np.array(right, dtype=np.int64)
+    rows_left, rows_right = diff_module._equi_join(left, right)
+    a = pd.DataFrame({"k": left, "l": np.arange(len(left))})
+    b = pd.DataFrame({"k": right, "r": np.arange(len(right))})
+    merged = a[a["k"] >= 0].merge(b[b["k"] >= 0], on="k")
+    assert rows_left.tolist() == merged["l"].tolist()
+    assert rows_right.tolist() == merged["r"].tolist()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.sampled_from([None, 0, 1, 2]), st.integers(1, 3)), min_size=1, max_size=12))
+def test_newest_is_the_last_after_sorting(rows):
+    frame = pd.DataFrame({
+        "group": [g for g, _, _ in rows],
+        "received_at": pd.to_datetime([None if m is None else T + timedelta(minutes=m) for _, m, _ in rows], utc=True),
+        "email_id": [e for _, _, e in rows],
+    })
+    group, n_groups = pd.factorize(frame["group"])
+    got = diff_module._newest(group, len(n_groups), frame["received_at"], frame["email_id"].to_numpy())
+    want = frame.sort_values(["received_at", "email_id"]).drop_duplicates("group", keep="last")
+    assert sorted(got.tolist()) == sorted(want.index.tolist())
+    assert all(group[i] == g for g, i in enumerate(got))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(-1, 3), st.integers(-1, 3)), max_size=12), st.integers(1, 5))
+def test_pair_codes_are_equal_exactly_for_equal_pairs(pairs, extra_width):
+    a = np.array([p[0] for p in pairs], dtype=np.int64)
+    b = np.array([p[1] for p in pairs], dtype=np.int64)
+    codes = diff_module._pair(a, b, 4 + extra_width)
+    for i, p in enumerate(pairs):
+        assert (codes[i] == -1) == (min(p) < 0)
+        for j, q in enumerate(pairs):
+            if min(p) >= 0 and min(q) >= 0:
+                assert (codes[i] == codes[j]) == (p == q)
+
+
+_SENDERS = ["forderungen@sparkasse-bochum.de", " Forderungen@Sparkasse-Bochum.de", "noreply@sparkasse-bochum.de",
+            "info@volksbank-ruhr.de", "post@inkasso.de", None, 17]
+_CREDITOR_NAMES = ["Sparkasse Bochum", "sparkasse  BOCHUM", "Sparkasse Essen", "Volksbank Ruhr", "Ruhr Inkasso Gruppe",
+                   "Bank", None, 3, ["Sparkasse Bochum"]]
+_AZS = ["AZ1", "AZ2", "AZ3", " AZ1 ", None, 17, "AZ\x00"]
+_PERSONS = [("Max", "Mustermann"), ("Erika", "Muster"), ("max", "MUSTERMANN"), (None, "Muster")]
+_EMAIL_NAMES = ["Mustermann, Max", "Max Mustermann", "Muster, Erika", "Unbekannt", None]
+_PG_AMOUNTS = [12.5, 1234.56, "12,50", "unbekannt", None, True, 0]
+_MONGO_AMOUNTS = [_ABSENT, 12.5, 1234.56, "1.234", None, -3.0, 0.0]
+_TIMES = [T - timedelta(days=20), T - timedelta(hours=1), T, T + timedelta(hours=1), WINDOW_END + timedelta(hours=1), None]
+
+
+@st.composite
+def matching_data(draw):
+    docs = []
+    for i in range(draw(st.integers(0, 4))):
+        first, last = draw(st.sampled_from(_PERSONS))
+        elements = []
+        for _ in range(draw(st.integers(0, 4))):
+            if draw(st.integers(0, 9)) == 0:
+                elements.append(draw(st.sampled_from(["junk", None])))
+                continue
+            element = creditor(draw(st.sampled_from(_SENDERS)), name=draw(st.sampled_from(_CREDITOR_NAMES)))
+            amount = draw(st.sampled_from(_MONGO_AMOUNTS))
+            if amount is not _ABSENT:
+                element.update(creditor_response_amount=amount, amount_source=draw(st.sampled_from(["creditor_response", "manual"])),
+                               response_received_at=draw(st.sampled_from(_TIMES)))
+            elements.append(element)
+        docs.append(client(f"c{draw(st.integers(0, 5))}", elements, az=draw(st.sampled_from(_AZS[:3] * 3 + _AZS)), first=first, last=last))
+    rows = []
+    for _ in range(draw(st.integers(0, 8))):
+        known = [d["aktenzeichen"] for d in docs if d.get("aktenzeichen") is not None]
+        az = draw(st.sampled_from(known)) if known and draw(st.integers(0, 3)) else draw(st.sampled_from(_AZS + [_ABSENT]))
+        data = reply(az=az, amount=draw(st.sampled_from(_PG_AMOUNTS)),
+                     creditor_name=draw(st.sampled_from(_CREDITOR_NAMES)), name=draw(st.sampled_from(_EMAIL_NAMES)))
+        received = draw(st.sampled_from([t for t in _TIMES if t is not None]))
+        sender = draw(st.sampled_from([s for s in _SENDERS if isinstance(s, str)]))
+        rows.append(email(draw(st.integers(1, 6)), data, from_email=sender, received_at=received,
+                          in_window=WINDOW_START <= received < WINDOW_END))
+    return rows, docs
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(matching_data(), st.integers(0, 200), st.booleans(), st.sampled_from(["as prepared", "shuffled", "repeated"]), st.randoms())
+def test_diff_equals_the_reference_implementation(data, tolerance, low_confidence, layout, rnd):
+    rows, docs = data
+    emails = frames.prepare_emails(pd.DataFrame(rows, columns=frames.EMAIL_COLUMNS))
+    clients, elements = frames.prepare_clients(docs)
+    if layout == "shuffled":  # rows in any order (prepare_clients gives them sorted by document)
+        clients = clients.iloc[rnd.sample(range(len(clients)), len(clients))]
+        elements = elements.iloc[rnd.sample(range(len(elements)), len(elements))]
+    elif layout == "repeated":  # the same element twice: a (client, pos) pair that is not unique
+        elements = pd.concat([elements, elements.iloc[: rnd.randint(0, len(elements))]], ignore_index=True)
+    options = DiffOptions(WINDOW_START, WINDOW_END, tolerance, low_confidence)
+    got, got_checked = diff(emails, clients, elements, options)
+    want, want_checked = ref_diff(emails, clients, elements, options)
+    assert got_checked == want_checked
+    pd.testing.assert_frame_equal(got, want)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(matching_data())
+def test_match_equals_the_reference_implementation(data):
+    rows, docs = data
+    emails = frames.prepare_emails(pd.DataFrame(rows, columns=frames.EMAIL_COLUMNS))
+    clients, elements = frames.prepare_clients(docs)
+    got, got_candidates = diff_module.match(emails.assign(in_window=True), clients, elements)
+    want, want_candidates = ref_match(emails.assign(in_window=True), clients, elements)
+    pd.testing.assert_frame_equal(got, want)
+    pd.testing.assert_frame_equal(got_candidates, want_candidates)
+    found = got[got["client_status"] == "matched"]  # client ids as strings, not _coded
+    pd.testing.assert_frame_equal(diff_module._creditor_candidates(found, elements), ref_creditor_candidates(found, elements))
+    # as route_emails calls it: string client ids, a subset of the emails with their own index
+    subset = emails.iloc[::2]
+    pd.testing.assert_frame_equal(diff_module.match_clients(subset, clients), ref_match_clients(subset, clients))
