@@ -89,7 +89,7 @@ class ReconciliationSettings(dg.ConfigurableResource):
     amount_tolerance_cents: int = Field(default=0, ge=0, description="Differences up to this many cents are not findings")
     outbox_retention_days: int = Field(default=30, ge=1, description="Processed outbox rows older than this are deleted")
     repair_low_confidence: bool = Field(default=False, description="Also repair level-4 (shared word only) creditor matches")
-    outbox_batch_size: int = Field(default=200, ge=1, description="Outbox messages claimed per transaction")
+    outbox_batch_size: int = Field(default=1000, ge=1, description="Outbox messages claimed per transaction")
     cleanup_batch_size: int = Field(default=10_000, ge=1, description="Rows deleted per cleanup transaction")
     mongo_batch_size: int = Field(default=500, ge=1, description="Client documents per MongoDB bulk write / read-back")
     mongo_keys_per_query: int = Field(default=10_000, ge=1, description="Aktenzeichen per `$in` read, compared as one batch (bounds memory: documents in flight)")

@@ -106,9 +106,11 @@ def _deliver_batch(
     """Match each message to its client's creditor and write them with the shared CAS writer."""
     frame = _request_frame(messages, requests)
     try:
-        # names only where there is no aktenzeichen: a case-insensitive regex can't use an index
+        # names only where there is no aktenzeichen: a case-insensitive regex can't use an index.
+        # One `$in` for the whole claimed batch (the stand-in answers each `$in` with a collection scan).
         docs = mongo_store.fetch_clients(
-            collection, frame["az_key"].dropna(), last_name_patterns(frame.loc[frame["az_key"].isna(), "client_name"]), batch_size
+            collection, frame["az_key"].dropna(), last_name_patterns(frame.loc[frame["az_key"].isna(), "client_name"]),
+            max(batch_size, len(messages)),
         )
     except ConnectionFailure as exc:  # nothing written: every message waits for the next run
         lost = core_repair.Outcome(core_repair.REPAIR_FAILED, error=f"MongoDB unreachable: {type(exc).__name__}", connection_lost=True)

@@ -697,7 +697,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-second-run", action="store_true")
     ap.add_argument("--max-repairs", type=int, default=10_000_000)
     ap.add_argument("--mongo-batch", type=int, default=500, help="the pipeline's mongo_batch_size (its default)")
-    ap.add_argument("--outbox-batch", type=int, default=200, help="the pipeline's outbox_batch_size (its default)")
+    ap.add_argument("--outbox-batch", type=int, default=_settings_default("outbox_batch_size", 1000),
+                    help="the pipeline's outbox_batch_size (its default)")
     ap.add_argument("--mongo-keys-per-query", type=int, default=None,
                     help="aktenzeichen per $in read and compare batch (default: the settings' mongo_keys_per_query)")
     ap.add_argument("--shards", type=int, default=1, help="compare shards, run one after the other here (the settings' mongo_shards)")
