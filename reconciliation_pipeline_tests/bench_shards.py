@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -66,14 +66,18 @@ def main() -> int:
     if not dataset.exists():
         raise SystemExit(f"no {dataset}: run `make bench` first (it loads the data set)")
     info = json.loads(dataset.read_text())
-    window_end = datetime.fromisoformat(info["window_end"]) + timedelta(hours=1)  # as `make bench`: every row
+    every_row = datetime.fromisoformat(info["window_end"]) + timedelta(hours=1)  # as `make bench`: every row
+    # the partition must have ended (Dagster knows no later one): within the hour after loading, the
+    # window ends an hour earlier and looks back an hour further
+    window_end = min(every_row, datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0))
+    lookback = 49 + int((every_row - window_end) / timedelta(hours=1))
     partition = partition_for(window_end)
     with tempfile.TemporaryDirectory(prefix="bench-shards-") as tmp:
         home = Path(tmp)
         (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
         env = {**os.environ, "DAGSTER_HOME": str(home), "RECON_POSTGRES_URL": bench_pg_url(), "RECON_MONGO_URI": mongo_uri(),
                "RECON_MONGO_DB": BENCH_DB, "PYTHONPATH": str(REPO)}
-        results = [run_once(int(n), partition, 49, home, env, args.full_scan_ratio) for n in args.shards.split(",")]
+        results = [run_once(int(n), partition, lookback, home, env, args.full_scan_ratio) for n in args.shards.split(",")]
     Path(args.json_out).write_text(json.dumps({"dataset_emails": info["emails"], "partition": partition, "results": results}, indent=1))
     base = results[0]
     print(f"\n== compare shards through Dagster ({JOB}, multiprocess executor), {info['emails']:,} emails, "

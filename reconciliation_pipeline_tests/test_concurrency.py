@@ -89,6 +89,18 @@ def _run_ids(instance: dg.DagsterInstance) -> list[str]:
     return [r.run_id for r in instance.get_runs(filters=dg.RunsFilter(job_name="reconciliation_job"))]
 
 
+def _all_succeed(processes: list[CliProcess], timeout: float = 240) -> list:
+    """Wait for the CLI runs (killing any left), each must exit 0; their results."""
+    try:
+        results = [p.wait(timeout=timeout) for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    for result in results:
+        assert result.returncode == 0, result.describe()
+    return results
+
+
 class HoldFirstRepairRead:
     """Proxy hook: holds the first repair re-read of the client documents (the run then holds the
     writer lock and the pool slot) until `gate` is set."""
@@ -138,13 +150,7 @@ def test_two_cli_runs_at_once_repair_each_finding_once_under_the_advisory_lock(p
             time.sleep(3)  # the second run polls for the writer lock
         finally:
             gate.set()
-        try:
-            results = [p.wait(timeout=240) for p in processes]
-        finally:
-            for p in processes:
-                p.kill()
-    for result in results:
-        assert result.returncode == 0, result.describe()
+        results = _all_succeed(processes)
 
     assert amounts(mongo_db) == EXPECTED
     reports = report_rows(pg)
@@ -202,13 +208,7 @@ def test_second_cli_run_waits_for_the_pool_slot_with_the_shipped_dagster_yaml(pg
                 time.sleep(2)
             finally:
                 hold.gate.set()
-            try:
-                results = [p.wait(timeout=240) for p in processes]
-            finally:
-                for p in processes:
-                    p.kill()
-            for result in results:
-                assert result.returncode == 0, result.describe()
+            _all_succeed(processes)
             first, second = sorted(_run_ids(instance), key=lambda r: instance.get_run_record_by_id(r).create_timestamp)
             intervals = [_interval(instance, run, op) for run in (first, second) for op in ("retry_outbox", "repair_mongo")]
             assert all(intervals), intervals
