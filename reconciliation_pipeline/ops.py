@@ -62,7 +62,7 @@ def retry_outbox(
     context: dg.OpExecutionContext, run: steps.RunContext, postgres: PostgresResource, mongo: MongoResource,
     settings: ReconciliationSettings,
 ) -> steps.OutboxResult:
-    """Deliver pending outbox messages (failed MongoDB writes) oldest first; dead-letter poison ones."""
+    """Deliver pending outbox messages oldest first (poison ones go dead); read back writes killed runs left unverified."""
     with postgres.get_engine() as engine:
         pg.heartbeat(engine, run.report_id)
         return steps.retry_outbox(

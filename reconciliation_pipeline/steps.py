@@ -191,15 +191,17 @@ def retry_outbox(
 def settle_unverified_writes(engine: Engine, collection: Collection, batch_size: int, log: Logger, limit: int = 100_000) -> int:
     """Read back the writes that killed runs sent but never verified and record their outcome.
 
-    Runs under the writer lock, before any delivery: an outbox message whose write is found applied is
-    marked delivered instead of being sent again. Returns how many audit rows were settled.
+    Only the audit rows change. An outbox message of such a write is still pending and is delivered
+    again in its order (writing the same values again if it was applied): marking it delivered here
+    could let an older pending message of the same creditor overwrite it afterwards.
+    Returns how many audit rows were settled.
     """
     with engine.connect() as conn:
         rows = pg.unverified_writes(conn, IN_FLIGHT, limit)
     if not rows:
         return 0
     documents = mongo_store.fetch_by_ids(collection, sorted({r["client_id"] for r in rows if r["client_id"]}), batch_size)
-    outcomes, applied_messages = [], {}
+    outcomes = []
     for row in rows:
         creditors = (documents.get(row["client_id"]) or {}).get("final_creditor_list") if row["client_id"] else None
         # an outbox row names the payload's creditor e-mail, not necessarily the element's: position only
@@ -207,15 +209,11 @@ def settle_unverified_writes(engine: Engine, collection: Collection, batch_size:
         outcome = core_repair.settle_unverified(creditors, row["creditor_pos"], row["pg_amount_cents"], address)
         outcomes.append({"finding_id": row["id"], "action": outcome.action, "error": outcome.error,
                          "after": outcome.after_cents, "before": None})
-        if outcome.action == core_repair.REPAIRED and row["outbox_message_id"] is not None:
-            applied_messages[row["outbox_message_id"]] = row["email_id"]
-    with engine.begin() as conn:
-        marked = pg.mark_pending_delivered(conn, applied_messages) if applied_messages else []
-        pg.update_finding_outcomes(conn, outcomes)
+    pg.update_finding_outcomes(engine, outcomes)
     applied = sum(o["action"] == core_repair.REPAIRED for o in outcomes)
     log.warning(
         f"outbox: read back {len(rows)} writes that ended runs left unverified: {applied} applied, "
-        f"{len(rows) - applied} not applied (compared again); {len(marked)} outbox messages marked delivered"
+        f"{len(rows) - applied} not applied (their pairs are compared again, their outbox messages delivered again)"
     )
     return len(rows)
 

@@ -326,7 +326,7 @@ def insert_findings(
     return ids if returning_ids else len(rows)
 
 
-def update_finding_outcomes(bind: Engine | Connection, outcomes: Sequence[Mapping[str, Any]]) -> None:
+def update_finding_outcomes(engine: Engine, outcomes: Sequence[Mapping[str, Any]]) -> None:
     """Record the verified outcome (action, error, amount after) of audit rows written before a write."""
     if not outcomes:
         return
@@ -338,10 +338,7 @@ def update_finding_outcomes(bind: Engine | Connection, outcomes: Sequence[Mappin
             mongo_amount_cents_before=sa.func.coalesce(sa.bindparam("before", type_=sa.BigInteger), reconciliation_findings.c.mongo_amount_cents_before),
         )
     )
-    if isinstance(bind, Connection):  # inside the caller's transaction
-        bind.execute(stmt, list(outcomes))
-        return
-    with bind.begin() as conn:
+    with engine.begin() as conn:
         conn.execute(stmt, list(outcomes))
 
 
@@ -378,12 +375,3 @@ def unverified_writes(conn: Connection, in_flight: str, limit: int) -> list[Mapp
         {"in_flight": in_flight, "limit": limit},
     )]
 
-
-def mark_pending_delivered(conn: Connection, deliveries: Mapping[int, int | None]) -> list[int]:
-    """mark_delivered for the messages (id -> email id) still pending; returns the ids marked."""
-    pending = conn.execute(
-        sa.text("SELECT id FROM outbox_messages WHERE id = ANY(:ids) AND processed_at IS NULL FOR UPDATE"),
-        {"ids": list(deliveries)},
-    ).scalars().all()
-    mark_delivered(conn, pending, [deliveries[i] for i in pending if deliveries[i] is not None])
-    return list(pending)
