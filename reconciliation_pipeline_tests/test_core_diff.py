@@ -1190,7 +1190,9 @@ def test_match_equals_the_reference_implementation(data):
     pd.testing.assert_frame_equal(got, want)
     pd.testing.assert_frame_equal(got_candidates, want_candidates)
     found = got[got["client_status"] == "matched"]  # client ids as strings, not _coded
-    pd.testing.assert_frame_equal(diff_module._creditor_candidates(found, elements), ref_creditor_candidates(found, elements))
+    candidates = diff_module._candidate_frame(
+        found, elements, *diff_module._creditor_match(*diff_module._creditor_args(found), elements))
+    pd.testing.assert_frame_equal(candidates, ref_creditor_candidates(found, elements))
     # as route_emails calls it: string client ids, a subset of the emails with their own index
     subset = emails.iloc[::2]
     pd.testing.assert_frame_equal(diff_module.match_clients(subset, clients), ref_match_clients(subset, clients))

@@ -310,15 +310,6 @@ def _candidate_frame(
     return out.astype({"client_id": emails["client_id"].dtype, "pos": "int64", "level": "int64"})
 
 
-def _creditor_candidates(emails: pd.DataFrame, elements: pd.DataFrame) -> pd.DataFrame:
-    """(email_id, client_id, pos, level) at each email's first level with candidates.
-
-    Level 1 and 2 are equi-joins; only the emails left without a candidate are paired with every
-    creditor of their client for the word-based levels 3 and 4.
-    """
-    return _candidate_frame(emails, elements, *_creditor_match(*_creditor_args(emails), elements))
-
-
 def _creditor_reason(n: np.ndarray, level: np.ndarray) -> np.ndarray:
     reason = np.full(len(n), "no creditor of this client matches the sender or creditor name", dtype=object)
     for i in np.flatnonzero(n > 1):

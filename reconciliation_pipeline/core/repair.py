@@ -126,13 +126,20 @@ def verify(read_back: Any, update: ElementUpdate) -> tuple[bool, int | None]:
         return False, None
     after = _cents_or_none(current_amount(element))
     ok = (
-        after == update.cents
-        and try_cents(element.get("current_debt_amount"))[0] == update.cents
-        and element.get("amount_source") == "creditor_response"
+        _carries_answer(element, after, update.cents)
         and _same(element.get("sender_email"), update.sender_email)
         and _same(element.get("sender_name"), update.sender_name)
     )
     return ok, after
+
+
+def _carries_answer(element: Mapping, amount_cents: int | None, cents: int) -> bool:
+    """The element (whose creditor_response_amount is `amount_cents`) holds a creditor answer of `cents`."""
+    return (
+        amount_cents == cents
+        and try_cents(element.get("current_debt_amount"))[0] == cents
+        and element.get("amount_source") == "creditor_response"
+    )
 
 
 READ_BACK_LATER = "write sent by a run that ended before its read-back; read back by a later run"
@@ -157,11 +164,6 @@ def settle_unverified(creditors: Any, pos: int | None, cents: int | None, credit
     if recorded and now and recorded != now:
         return Outcome(REPAIR_FAILED, error=f"{READ_BACK_LATER}: another creditor is at position {pos} now")
     after = _cents_or_none(current_amount(element))
-    applied = (
-        after == cents
-        and try_cents(element.get("current_debt_amount"))[0] == cents
-        and element.get("amount_source") == "creditor_response"
-    )
-    if applied:
+    if _carries_answer(element, after, cents):
         return Outcome(REPAIRED, after_cents=after, error=f"{READ_BACK_LATER}: applied")
     return Outcome(REPAIR_FAILED, after_cents=after, error=f"{READ_BACK_LATER}: MongoDB does not hold the amount sent")
