@@ -76,6 +76,7 @@ reconciliation_reports = sa.Table(
     sa.Column("outbox_failed", sa.Integer, nullable=False, server_default="0"),
     sa.Column("outbox_deferred", sa.Integer, nullable=False, server_default="0"),
     sa.Column("outbox_dead", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("outbox_superseded", sa.Integer, nullable=False, server_default="0"),
     sa.Column("expired_keys_deleted", sa.Integer, nullable=False, server_default="0"),
     sa.Column("old_outbox_deleted", sa.Integer, nullable=False, server_default="0"),
     sa.Column("details", sa.JSON),
