@@ -87,6 +87,7 @@ def build_report(
         "outbox_failed": outbox.failed,
         "outbox_deferred": outbox.deferred,
         "outbox_dead": outbox.dead,
+        "outbox_superseded": outbox.superseded,
         "expired_keys_deleted": int(cleaned.get("expired_keys_deleted", 0)),
         "old_outbox_deleted": int(cleaned.get("old_outbox_deleted", 0)),
     }

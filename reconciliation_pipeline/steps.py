@@ -23,7 +23,14 @@ from reconciliation_pipeline.core import diff as core_diff
 from reconciliation_pipeline.core import repair as core_repair
 from reconciliation_pipeline.core.frames import add_email_keys, prepare_clients, prepare_emails
 from reconciliation_pipeline.core.keys import client_name_key, last_name_patterns, route_key
-from reconciliation_pipeline.core.outbox import DeliveryRequest, parse_payload
+from reconciliation_pipeline.core.outbox import (
+    DeliveryRequest,
+    email_statements,
+    message_statements,
+    newest_statement,
+    parse_payload,
+    stated_at,
+)
 from reconciliation_pipeline.store import mongo as mongo_store
 from reconciliation_pipeline.store import postgres as pg
 
@@ -79,55 +86,78 @@ class OutboxResult:
     deferred: int = 0
     dead: int = 0
     became_dead: int = 0
+    superseded: int = 0  # closed unwritten: a newer statement for the pair exists
     settled: int = 0  # writes of ended runs read back (see settle_unverified_writes)
     note: str | None = None
-
-
-def _request_frame(messages: list[Mapping[str, Any]], requests: Mapping[int, DeliveryRequest]) -> pd.DataFrame:
-    raw = pd.DataFrame(
-        {
-            "email_id": pd.Series([m["id"] for m in messages], dtype="int64"),
-            "from_email": pd.Series([requests[m["id"]].creditor_email for m in messages], dtype=object),
-            "client_aktenzeichen": pd.Series([requests[m["id"]].client_aktenzeichen for m in messages], dtype=object),
-            "client_name": pd.Series([requests[m["id"]].client_name for m in messages], dtype=object),
-            "creditor_name": pd.Series([requests[m["id"]].creditor_name for m in messages], dtype=object),
-        }
-    )
-    return add_email_keys(raw)
 
 
 HELD_BACK = "held back: an older message of the same aggregate failed in this run"
 
 
+def known_statements(conn: Any) -> pd.DataFrame:
+    """The outbox's live statements (pending or processed messages with a valid payload), keyed for matching."""
+    rows = pg.outbox_statements(conn)
+    requests = {r["id"]: request for r in rows if (request := parse_payload(r["payload"])[0]) is not None}
+    return add_email_keys(message_statements(rows, requests))
+
+
+def _statements(
+    conn: Any, messages: list[Mapping[str, Any]], requests: Mapping[int, DeliveryRequest], known: pd.DataFrame
+) -> pd.DataFrame:
+    """The batch's messages (first, in order) and every other statement that may be newer for their pairs:
+    other live outbox messages naming the same client or sender, and synced emails of the same senders."""
+    batch = add_email_keys(message_statements(messages, requests))
+    senders = set(batch["from_email_key"].dropna())
+    others = known[~known["source_id"].isin(batch["source_id"])]
+    others = others[others["from_email_key"].isin(senders) | others["az_key"].isin(set(batch["az_key"].dropna())) | others["az_key"].isna()]
+    since = min(pd.to_datetime(batch["stated_at"], utc=True)).to_pydatetime() if len(batch) else None
+    emails = add_email_keys(email_statements(pg.synced_email_statements(conn, sorted(senders), since))) if since else None
+    frames = [f for f in (batch, others, emails) if f is not None and len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else batch
+
+
 def _deliver_batch(
-    collection: Collection, messages: list[Mapping[str, Any]], requests: Mapping[int, DeliveryRequest], batch_size: int,
-    record_intent: Callable[[dict[int, tuple[str, int]]], dict[int, int]],
-) -> tuple[dict[int, core_repair.Outcome], dict[int, str], dict[int, int]]:
-    """Match each message to its client's creditor and write them with the shared CAS writer."""
-    frame = _request_frame(messages, requests)
+    collection: Collection, conn: Any, messages: list[Mapping[str, Any]], requests: Mapping[int, DeliveryRequest],
+    known: pd.DataFrame, batch_size: int, record_intent: Callable[[dict[int, tuple[str, int]]], dict[int, int]],
+) -> tuple[dict[int, core_repair.Outcome], dict[int, str], dict[int, int], dict[int, str]]:
+    """Match each message to its client's creditor; close the ones a newer statement supersedes and
+    write the others with the shared CAS writer. Returns (outcomes, failures, intent ids, superseded notes)."""
+    statements = _statements(conn, messages, requests, known)
+    frame = statements.assign(email_id=np.arange(len(statements), dtype=np.int64))
+    batch = frame[frame["source"].eq("outbox message") & frame["source_id"].isin([m["id"] for m in messages])]
     try:
         # names only where there is no aktenzeichen: a case-insensitive regex can't use an index.
         # One `$in` for the whole claimed batch (the stand-in answers each `$in` with a collection scan).
         docs = mongo_store.fetch_clients(
-            collection, frame["az_key"].dropna(), last_name_patterns(frame.loc[frame["az_key"].isna(), "client_name"]),
+            collection, batch["az_key"].dropna(), last_name_patterns(batch.loc[batch["az_key"].isna(), "client_name"]),
             max(batch_size, len(messages)),
         )
     except ConnectionFailure as exc:  # nothing written: every message waits for the next run
         lost = core_repair.Outcome(core_repair.REPAIR_FAILED, error=f"MongoDB unreachable: {type(exc).__name__}", connection_lost=True)
-        return {m["id"]: lost for m in messages}, {}, {}
+        return {m["id"]: lost for m in messages}, {}, {}, {}
     clients, elements = prepare_clients(docs)
-    matched = core_diff.match(frame.assign(in_window=True), clients, elements)[0].set_index("email_id")
+    matched = core_diff.match(frame.assign(in_window=True), clients, elements)[0]
+    resolved = matched[(matched["client_status"] == "matched") & (matched["creditor_status"] == "matched")]
+    newest = newest_statement(resolved)
+    matched = matched.join(newest)
+    by_message = matched.loc[matched["email_id"].isin(batch["email_id"])].set_index("source_id")
     by_id = {str(d["_id"]): d for d in docs}
     updates: dict[str, list[core_repair.ElementUpdate]] = {}
     failures: dict[int, str] = {}
+    superseded: dict[int, str] = {}
     failed_aggregates: set[tuple[str, str]] = set()
-    for message in messages:  # already in created_at order: later messages win on the same creditor
+    for message in messages:  # already in created_at order
         mid, request = message["id"], requests[message["id"]]
         aggregate = (message["aggregate_type"], message["aggregate_id"])
+        row = by_message.loc[mid]
+        if row["client_status"] == "matched" and row["creditor_status"] == "matched" and not (
+            row["newest_source"] == "outbox message" and row["newest_id"] == mid
+        ):
+            superseded[mid] = f"superseded by {row['newest_source']} {int(row['newest_id'])}: not written"
+            continue
         if aggregate in failed_aggregates:
             failures[mid] = HELD_BACK
             continue
-        row = matched.loc[mid]
         if row["client_status"] != "matched":
             failures[mid] = f"client {row['client_status']}: {row['client_reason']}"
         elif row["creditor_status"] != "matched":
@@ -136,17 +166,17 @@ def _deliver_batch(
             failed_aggregates.add(aggregate)
             continue
         element = by_id[row["client_id"]]["final_creditor_list"][int(row["pos"])]
-        received = message["email_received_at"] or request.response_received_at or message["created_at"]
         updates.setdefault(row["client_id"], []).append(
             core_repair.ElementUpdate(
                 key=mid, pos=int(row["pos"]), sender_email=element.get("sender_email"),
-                sender_name=element.get("sender_name"), cents=request.cents, received_at=received,
+                sender_name=element.get("sender_name"), cents=request.cents,
+                received_at=stated_at(message["email_received_at"], request, message["created_at"]),
                 response_text=request.response_text, reference_numbers=request.reference_numbers,
             )
         )
     intent = record_intent({u.key: (cid, u.pos) for cid, us in updates.items() for u in us}) if updates else {}
     outcomes = mongo_store.write_updates(collection, by_id, updates, batch_size) if updates else {}
-    return outcomes, failures, intent
+    return outcomes, failures, intent, superseded
 
 
 def retry_outbox(
@@ -226,6 +256,8 @@ def _deliver_pending(
     claimed = 0
     blocked_aggregates: set[tuple[str, str]] = set()
     connection_lost = False
+    with engine.connect() as conn:  # the live statements a message must be newer than (pending ones too)
+        known = known_statements(conn)
     with collection_factory() as collection:
         while not connection_lost:
             with engine.begin() as conn:
@@ -247,6 +279,7 @@ def _deliver_pending(
                         result.retried += 1
                         result.failed += 1
                         result.became_dead += int(pg.mark_failed(conn, m["id"], m["email_id"], poison, poison=True))
+                        known = known[known["source_id"] != m["id"]]
                         audit.append(_outbox_audit(ctx, m, None, core_repair.REPAIR_FAILED, poison))
                         continue
                     requests[m["id"]] = request
@@ -258,9 +291,9 @@ def _deliver_pending(
                             for mid, target in targets.items()]
                     return dict(zip(targets, pg.insert_findings(engine, rows, returning_ids=True)))
 
-                outcomes, failures, intent = (
-                    _deliver_batch(collection, deliverable, requests, mongo_batch_size, record_intent)
-                    if deliverable else ({}, {}, {})
+                outcomes, failures, intent, superseded = (
+                    _deliver_batch(collection, conn, deliverable, requests, known, mongo_batch_size, record_intent)
+                    if deliverable else ({}, {}, {}, {})
                 )
                 if outcomes:
                     faults.checkpoint("after_outbox_mongo_write")
@@ -270,6 +303,12 @@ def _deliver_pending(
                     outcome = outcomes.get(mid)
                     if outcome is not None and outcome.connection_lost:
                         connection_lost = True
+                    if outcome is not None and outcome.action == core_repair.SUPERSEDED:  # MongoDB holds a newer answer
+                        superseded[mid] = outcome.error
+                    if mid in superseded:  # a newer word for the pair exists: closed, never written
+                        result.superseded += 1
+                        audit.append(_outbox_audit(ctx, m, requests[mid], core_repair.SUPERSEDED, superseded[mid], outcome))
+                        continue
                     if failures.get(mid) == HELD_BACK:
                         result.deferred += 1
                         continue
@@ -293,9 +332,14 @@ def _deliver_pending(
                     result.became_dead += int(dead)
                     if not dead:  # a dead message no longer holds back the newer ones
                         blocked_aggregates.add((m["aggregate_type"], m["aggregate_id"]))
+                    else:  # nor does it supersede an older one: it never reached MongoDB
+                        known = known[known["source_id"] != mid]
                     audit.append(_outbox_audit(ctx, m, requests[mid], core_repair.REPAIR_FAILED, error, outcome))
                 if delivered:
                     pg.mark_delivered(conn, delivered, delivered_emails)
+                if superseded:
+                    by_mid = {m["id"]: m for m in deliverable}
+                    pg.mark_superseded(conn, superseded, [by_mid[i]["email_id"] for i in superseded if by_mid[i]["email_id"] is not None])
             pg.insert_findings(engine, [a for a in audit if a["outbox_message_id"] not in intent])
             pg.update_finding_outcomes(engine, [
                 {"finding_id": intent[a["outbox_message_id"]], "action": a["action"], "error": a["error"],
@@ -303,8 +347,8 @@ def _deliver_pending(
                 for a in audit if a["outbox_message_id"] in intent
             ])
             log.info(
-                f"outbox: {claimed} claimed so far, {result.succeeded} delivered, {result.failed} failed, "
-                f"{result.deferred} deferred"
+                f"outbox: {claimed} claimed so far, {result.succeeded} delivered, {result.superseded} superseded, "
+                f"{result.failed} failed, {result.deferred} deferred"
             )
         if connection_lost:
             result.note = "MongoDB connection lost during delivery: the rest is deferred"

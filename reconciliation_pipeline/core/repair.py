@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from reconciliation_pipeline.core.amounts import cents_to_float, try_cents
@@ -19,6 +19,7 @@ SKIPPED_CONCURRENT_CHANGE = "skipped_concurrent_change"
 SKIPPED_DRY_RUN = "skipped_dry_run"
 SKIPPED_BUDGET = "skipped_budget"
 REPORTED = "reported"
+SUPERSEDED = "superseded"  # not written: a newer word for the pair exists (PostgreSQL or MongoDB's own answer)
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class ClientPlan:
     new: list
     applied: list[ElementUpdate] = field(default_factory=list)
     conflicts: dict[Hashable, str] = field(default_factory=dict)
+    newer: dict[Hashable, str] = field(default_factory=dict)  # not written: the element holds a newer answer
     before: dict[Hashable, int | None] = field(default_factory=dict)
 
 
@@ -95,8 +97,30 @@ def answered_element(element: Mapping, update: ElementUpdate) -> dict:
     return new
 
 
+def _utc_millis(value: datetime) -> datetime:
+    """`value` as MongoDB stores it: UTC, whole milliseconds (a naive value is taken as UTC)."""
+    value = value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    return value.replace(microsecond=value.microsecond // 1000 * 1000)
+
+
+def newer_answer(element: Mapping, received_at: datetime) -> str | None:
+    """Why writing an answer received at `received_at` would move the element back in time, or None.
+
+    The element's `response_received_at` says when the answer it holds was received; one strictly
+    newer (to the millisecond MongoDB keeps) wins over an older statement, whoever wrote it.
+    """
+    held = element.get("response_received_at")
+    if not isinstance(held, datetime) or not isinstance(received_at, datetime):
+        return None
+    if _utc_millis(held) > _utc_millis(received_at):
+        return (f"MongoDB holds a newer answer (response_received_at {_utc_millis(held).isoformat()}) than this one "
+                f"({_utc_millis(received_at).isoformat()}): not written back in time")
+    return None
+
+
 def plan_client(observed: Sequence, updates: Sequence[ElementUpdate]) -> ClientPlan:
-    """Apply `updates` in order to a copy of `observed`; updates whose element changed are conflicts."""
+    """Apply `updates` in order to a copy of `observed`; updates whose element changed are conflicts,
+    updates older than the answer the element holds are not applied (`newer`)."""
     new = list(observed)
     plan = ClientPlan(observed=list(observed), new=new)
     for update in updates:
@@ -110,6 +134,10 @@ def plan_client(observed: Sequence, updates: Sequence[ElementUpdate]) -> ClientP
         current = current_amount(element)
         if update.observed_amount is not UNCHECKED and not _same(current, update.observed_amount):
             plan.conflicts[update.key] = "creditor_response_amount changed since it was read"
+            continue
+        newer = newer_answer(element, update.received_at)
+        if newer is not None:
+            plan.newer[update.key] = newer
             continue
         plan.before[update.key] = _cents_or_none(current)
         new[update.pos] = answered_element(element, update)

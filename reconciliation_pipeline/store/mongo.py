@@ -18,6 +18,7 @@ from reconciliation_pipeline.core.repair import (
     REPAIR_FAILED,
     REPAIRED,
     SKIPPED_CONCURRENT_CHANGE,
+    SUPERSEDED,
     ElementUpdate,
     Outcome,
     plan_client,
@@ -209,6 +210,8 @@ def write_updates(
             for u in updates[cid]:
                 if u.key in plan.conflicts:
                     outcomes[u.key] = Outcome(SKIPPED_CONCURRENT_CHANGE, error=plan.conflicts[u.key])
+                elif u.key in plan.newer:
+                    outcomes[u.key] = Outcome(SUPERSEDED, error=plan.newer[u.key])
             if plan.applied:
                 plans[cid] = (doc["_id"], plan)
         if not plans:

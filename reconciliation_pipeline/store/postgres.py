@@ -16,7 +16,7 @@ import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from reconciliation_pipeline.core.frames import EMAIL_COLUMNS, TYPED_COLUMNS
+from reconciliation_pipeline.core.frames import EMAIL_COLUMNS, TYPED_COLUMNS, parse_json_object
 from reconciliation_pipeline.schema import reconciliation_findings, reconciliation_reports
 
 # extracted_data is `json`: PostgreSQL splits it into typed fields (json_typeof, ->>) in C, except
@@ -166,6 +166,63 @@ def claim_outbox(conn: Connection, limit: int, after: OutboxCursor = START_OF_OU
     return [dict(r._mapping) for r in conn.execute(CLAIM_OUTBOX, params)]
 
 
+OUTBOX_STATEMENTS = sa.text(
+    """
+SELECT o.id, o.payload::text AS payload, o.created_at, e.id AS email_id, e.received_at AS email_received_at
+FROM outbox_messages o
+LEFT JOIN incoming_emails e
+  ON o.aggregate_type = 'incoming_email'
+ AND e.id = CASE WHEN o.aggregate_id ~ '^[0-9]{1,9}$' THEN o.aggregate_id::integer END
+WHERE o.processed_at IS NOT NULL OR o.retry_count < o.max_retries
+"""
+)
+
+
+def outbox_statements(conn: Connection) -> list[Mapping[str, Any]]:
+    """Every outbox message that is or was a live statement (pending, or processed): the candidates
+    that may supersede an older message of the same pair. Dead messages never reached MongoDB."""
+    return [dict(r._mapping) for r in conn.execute(OUTBOX_STATEMENTS)]
+
+
+# Synced emails of the given senders received since `since`: the newer words that supersede an
+# outbox message. Rows whose JSON holds a \u0000 escape (on which `->` raises) come back as text.
+SYNCED_EMAIL_STATEMENTS = sa.text(
+    """
+SELECT e.id AS email_id, e.received_at, e.from_email,
+       CASE WHEN d.safe THEN NULL ELSE d.txt END AS extracted_json,
+       CASE WHEN d.safe AND json_typeof(e.extracted_data -> 'client_aktenzeichen') = 'string'
+            THEN e.extracted_data ->> 'client_aktenzeichen' END AS client_aktenzeichen,
+       CASE WHEN d.safe AND json_typeof(e.extracted_data -> 'client_name') = 'string'
+            THEN e.extracted_data ->> 'client_name' END AS client_name,
+       CASE WHEN d.safe AND json_typeof(e.extracted_data -> 'creditor_name') = 'string'
+            THEN e.extracted_data ->> 'creditor_name' END AS creditor_name
+FROM incoming_emails e
+CROSS JOIN LATERAL (SELECT e.extracted_data::text AS txt,
+                           strpos(e.extracted_data::text, '\\u0000') = 0 AS safe) d
+WHERE e.sync_status = 'synced'
+  AND lower(btrim(e.from_email)) = ANY(:senders)
+  AND e.received_at >= :since
+  AND json_typeof(e.extracted_data) = 'object'
+  AND strpos(d.txt, '"debt_amount"') > 0
+"""
+)
+
+
+def synced_email_statements(conn: Connection, senders: Sequence[str], since: datetime) -> pd.DataFrame:
+    """Synced emails with a debt_amount from `senders` (lower-cased addresses) received at or after `since`."""
+    columns = ["email_id", "received_at", "from_email", "client_aktenzeichen", "client_name", "creditor_name"]
+    if not senders:
+        return pd.DataFrame(columns=columns)
+    rows = [dict(r._mapping) for r in conn.execute(SYNCED_EMAIL_STATEMENTS, {"senders": list(senders), "since": since})]
+    for row in rows:
+        text = row.pop("extracted_json")
+        if text is not None:  # parsed here: PostgreSQL can't split it
+            data = parse_json_object(text) or {}
+            for key in ("client_aktenzeichen", "client_name", "creditor_name"):
+                row[key] = data.get(key) if isinstance(data.get(key), str) else None
+    return pd.DataFrame(rows, columns=columns)
+
+
 def count_pending_outbox(conn: Connection, after: OutboxCursor = START_OF_OUTBOX) -> int:
     """Messages still waiting for delivery (after the cursor `after`)."""
     return conn.execute(
@@ -189,6 +246,23 @@ def mark_delivered(conn: Connection, message_ids: Sequence[int], email_ids: Sequ
     conn.execute(
         sa.text("UPDATE outbox_messages SET processed_at = now(), error_message = NULL WHERE id = ANY(:ids)"),
         {"ids": list(message_ids)},
+    )
+    if email_ids:
+        conn.execute(
+            sa.text(
+                "UPDATE incoming_emails SET sync_status = 'synced', sync_error = NULL, updated_at = now() "
+                "WHERE id = ANY(:ids)"
+            ),
+            {"ids": list(email_ids)},
+        )
+
+
+def mark_superseded(conn: Connection, notes: Mapping[int, str], email_ids: Sequence[int]) -> None:
+    """Close superseded messages unwritten (processed_at, the note as error_message); their emails count
+    as synced: MongoDB holds, or is about to hold, a newer word for their pair."""
+    conn.execute(
+        sa.text("UPDATE outbox_messages SET processed_at = now(), error_message = :note WHERE id = :id"),
+        [{"id": mid, "note": note} for mid, note in notes.items()],
     )
     if email_ids:
         conn.execute(
