@@ -241,12 +241,7 @@ def count_dead_outbox(conn: Connection) -> int:
     ).scalar_one()
 
 
-def mark_delivered(conn: Connection, message_ids: Sequence[int], email_ids: Sequence[int]) -> None:
-    """Delivered messages get processed_at; their emails become synced (same transaction)."""
-    conn.execute(
-        sa.text("UPDATE outbox_messages SET processed_at = now(), error_message = NULL WHERE id = ANY(:ids)"),
-        {"ids": list(message_ids)},
-    )
+def _mark_emails_synced(conn: Connection, email_ids: Sequence[int]) -> None:
     if email_ids:
         conn.execute(
             sa.text(
@@ -255,6 +250,15 @@ def mark_delivered(conn: Connection, message_ids: Sequence[int], email_ids: Sequ
             ),
             {"ids": list(email_ids)},
         )
+
+
+def mark_delivered(conn: Connection, message_ids: Sequence[int], email_ids: Sequence[int]) -> None:
+    """Delivered messages get processed_at; their emails become synced (same transaction)."""
+    conn.execute(
+        sa.text("UPDATE outbox_messages SET processed_at = now(), error_message = NULL WHERE id = ANY(:ids)"),
+        {"ids": list(message_ids)},
+    )
+    _mark_emails_synced(conn, email_ids)
 
 
 def mark_superseded(conn: Connection, notes: Mapping[int, str], email_ids: Sequence[int]) -> None:
@@ -264,14 +268,7 @@ def mark_superseded(conn: Connection, notes: Mapping[int, str], email_ids: Seque
         sa.text("UPDATE outbox_messages SET processed_at = now(), error_message = :note WHERE id = :id"),
         [{"id": mid, "note": note} for mid, note in notes.items()],
     )
-    if email_ids:
-        conn.execute(
-            sa.text(
-                "UPDATE incoming_emails SET sync_status = 'synced', sync_error = NULL, updated_at = now() "
-                "WHERE id = ANY(:ids)"
-            ),
-            {"ids": list(email_ids)},
-        )
+    _mark_emails_synced(conn, email_ids)
 
 
 def mark_failed(conn: Connection, message_id: int, email_id: int | None, error: str, poison: bool) -> bool:
