@@ -111,7 +111,7 @@ def _statements(
     others = known[~known["source_id"].isin(batch["source_id"])]
     others = others[others["from_email_key"].isin(senders) | others["az_key"].isin(set(batch["az_key"].dropna())) | others["az_key"].isna()]
     since = min(pd.to_datetime(batch["stated_at"], utc=True)).to_pydatetime() if len(batch) else None
-    emails = add_email_keys(email_statements(pg.synced_email_statements(conn, sorted(senders), since))) if since else None
+    emails = email_statements(pg.synced_email_statements(conn, sorted(senders), since)) if since else None
     frames = [f for f in (batch, others, emails) if f is not None and len(f)]
     return pd.concat(frames, ignore_index=True) if frames else batch
 
@@ -150,9 +150,7 @@ def _deliver_batch(
         mid, request = message["id"], requests[message["id"]]
         aggregate = (message["aggregate_type"], message["aggregate_id"])
         row = by_message.loc[mid]
-        if row["client_status"] == "matched" and row["creditor_status"] == "matched" and not (
-            row["newest_source"] == "outbox message" and row["newest_id"] == mid
-        ):
+        if pd.notna(row["newest_id"]) and not (row["newest_source"] == "outbox message" and row["newest_id"] == mid):
             superseded[mid] = f"superseded by {row['newest_source']} {int(row['newest_id'])}: not written"
             continue
         if aggregate in failed_aggregates:
@@ -279,7 +277,6 @@ def _deliver_pending(
                         result.retried += 1
                         result.failed += 1
                         result.became_dead += int(pg.mark_failed(conn, m["id"], m["email_id"], poison, poison=True))
-                        known = known[known["source_id"] != m["id"]]
                         audit.append(_outbox_audit(ctx, m, None, core_repair.REPAIR_FAILED, poison))
                         continue
                     requests[m["id"]] = request
@@ -297,7 +294,7 @@ def _deliver_pending(
                 )
                 if outcomes:
                     faults.checkpoint("after_outbox_mongo_write")
-                delivered, delivered_emails = [], []
+                delivered, delivered_emails, superseded_emails = [], [], []
                 for m in deliverable:
                     mid = m["id"]
                     outcome = outcomes.get(mid)
@@ -307,6 +304,8 @@ def _deliver_pending(
                         superseded[mid] = outcome.error
                     if mid in superseded:  # a newer word for the pair exists: closed, never written
                         result.superseded += 1
+                        if m["email_id"] is not None:
+                            superseded_emails.append(m["email_id"])
                         audit.append(_outbox_audit(ctx, m, requests[mid], core_repair.SUPERSEDED, superseded[mid], outcome))
                         continue
                     if failures.get(mid) == HELD_BACK:
@@ -338,8 +337,7 @@ def _deliver_pending(
                 if delivered:
                     pg.mark_delivered(conn, delivered, delivered_emails)
                 if superseded:
-                    by_mid = {m["id"]: m for m in deliverable}
-                    pg.mark_superseded(conn, superseded, [by_mid[i]["email_id"] for i in superseded if by_mid[i]["email_id"] is not None])
+                    pg.mark_superseded(conn, superseded, superseded_emails)
             pg.insert_findings(engine, [a for a in audit if a["outbox_message_id"] not in intent])
             pg.update_finding_outcomes(engine, [
                 {"finding_id": intent[a["outbox_message_id"]], "action": a["action"], "error": a["error"],

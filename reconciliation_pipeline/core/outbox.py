@@ -116,17 +116,17 @@ def message_statements(messages: list[Mapping[str, Any]], requests: Mapping[int,
 
 
 def email_statements(emails: pd.DataFrame) -> pd.DataFrame:
-    """Synced emails (email_id, received_at, from_email, client_aktenzeichen, client_name, creditor_name) as
-    statements. An email orders before every message of its own (they restate it, later)."""
+    """Synced emails, prepared with their match keys (frames.prepare_emails), as statements. An email
+    orders before every message of its own (they restate it, later)."""
     return pd.DataFrame(
         {
             "source": "synced email",
             "source_id": emails["email_id"].astype("int64"),
-            "stated_at": emails["received_at"].astype(object),
+            "stated_at": emails["received_at"],
             "email_rank": emails["email_id"].astype("int64"),
-            "created_at": pd.Series([_EARLIEST] * len(emails), index=emails.index, dtype=object),
+            "created_at": _EARLIEST,
             "seq": 0,
-            **{c: emails[c].astype(object) for c in ("from_email", "client_aktenzeichen", "client_name", "creditor_name")},
+            **{c: emails[c] for c in ("from_email_key", "az_key", "az_reason", "client_name", "creditor_name")},
         }
     )
 

@@ -112,9 +112,10 @@ def newer_answer(element: Mapping, received_at: datetime) -> str | None:
     held = element.get("response_received_at")
     if not isinstance(held, datetime) or not isinstance(received_at, datetime):
         return None
-    if _utc_millis(held) > _utc_millis(received_at):
-        return (f"MongoDB holds a newer answer (response_received_at {_utc_millis(held).isoformat()}) than this one "
-                f"({_utc_millis(received_at).isoformat()}): not written back in time")
+    held, received_at = _utc_millis(held), _utc_millis(received_at)
+    if held > received_at:
+        return (f"MongoDB holds a newer answer (response_received_at {held.isoformat()}) than this one "
+                f"({received_at.isoformat()}): not written back in time")
     return None
 
 

@@ -16,7 +16,7 @@ import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from reconciliation_pipeline.core.frames import EMAIL_COLUMNS, TYPED_COLUMNS, parse_json_object
+from reconciliation_pipeline.core.frames import EMAIL_COLUMNS, TYPED_COLUMNS, prepare_emails
 from reconciliation_pipeline.schema import reconciliation_findings, reconciliation_reports
 
 # extracted_data is `json`: PostgreSQL splits it into typed fields (json_typeof, ->>) in C, except
@@ -184,43 +184,16 @@ def outbox_statements(conn: Connection) -> list[Mapping[str, Any]]:
     return [dict(r._mapping) for r in conn.execute(OUTBOX_STATEMENTS)]
 
 
-# Synced emails of the given senders received since `since`: the newer words that supersede an
-# outbox message. Rows whose JSON holds a \u0000 escape (on which `->` raises) come back as text.
-SYNCED_EMAIL_STATEMENTS = sa.text(
-    """
-SELECT e.id AS email_id, e.received_at, e.from_email,
-       CASE WHEN d.safe THEN NULL ELSE d.txt END AS extracted_json,
-       CASE WHEN d.safe AND json_typeof(e.extracted_data -> 'client_aktenzeichen') = 'string'
-            THEN e.extracted_data ->> 'client_aktenzeichen' END AS client_aktenzeichen,
-       CASE WHEN d.safe AND json_typeof(e.extracted_data -> 'client_name') = 'string'
-            THEN e.extracted_data ->> 'client_name' END AS client_name,
-       CASE WHEN d.safe AND json_typeof(e.extracted_data -> 'creditor_name') = 'string'
-            THEN e.extracted_data ->> 'creditor_name' END AS creditor_name
-FROM incoming_emails e
-CROSS JOIN LATERAL (SELECT e.extracted_data::text AS txt,
-                           strpos(e.extracted_data::text, '\\u0000') = 0 AS safe) d
-WHERE e.sync_status = 'synced'
-  AND lower(btrim(e.from_email)) = ANY(:senders)
-  AND e.received_at >= :since
-  AND json_typeof(e.extracted_data) = 'object'
-  AND strpos(d.txt, '"debt_amount"') > 0
-"""
+SYNCED_EMAILS_OF_SENDERS = sa.text(
+    _EMAIL_SELECT.format(in_window="false") + " AND lower(btrim(e.from_email)) = ANY(:senders) AND e.received_at >= :since"
 )
 
 
 def synced_email_statements(conn: Connection, senders: Sequence[str], since: datetime) -> pd.DataFrame:
-    """Synced emails with a debt_amount from `senders` (lower-cased addresses) received at or after `since`."""
-    columns = ["email_id", "received_at", "from_email", "client_aktenzeichen", "client_name", "creditor_name"]
-    if not senders:
-        return pd.DataFrame(columns=columns)
-    rows = [dict(r._mapping) for r in conn.execute(SYNCED_EMAIL_STATEMENTS, {"senders": list(senders), "since": since})]
-    for row in rows:
-        text = row.pop("extracted_json")
-        if text is not None:  # parsed here: PostgreSQL can't split it
-            data = parse_json_object(text) or {}
-            for key in ("client_aktenzeichen", "client_name", "creditor_name"):
-                row[key] = data.get(key) if isinstance(data.get(key), str) else None
-    return pd.DataFrame(rows, columns=columns)
+    """Synced emails with a debt_amount from `senders` (lower-cased addresses) received at or after `since`,
+    prepared as the extract prepares them (the newer words that supersede an outbox message)."""
+    rows = conn.execute(SYNCED_EMAILS_OF_SENDERS, {"senders": list(senders), "since": since}).all() if senders else []
+    return prepare_emails(pd.DataFrame(rows, columns=EMAIL_COLUMNS + TYPED_COLUMNS))
 
 
 def count_pending_outbox(conn: Connection, after: OutboxCursor = START_OF_OUTBOX) -> int:
