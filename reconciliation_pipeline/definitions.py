@@ -3,13 +3,19 @@
 import dagster as dg
 
 from reconciliation_pipeline.assets import reconciliation_report
-from reconciliation_pipeline.jobs import reconciliation_hourly_schedule, reconciliation_job, reconciliation_parallel_job
+from reconciliation_pipeline.jobs import (
+    reconciliation_hourly_schedule,
+    reconciliation_celery_job,
+    reconciliation_job,
+    reconciliation_parallel_job,
+    reconciliation_preflight_job,
+)
 from reconciliation_pipeline.resources import MongoResource, PostgresResource, ReconciliationSettings
 from reconciliation_pipeline.sensors import close_stale_reports_sensor
 
 defs = dg.Definitions(
     assets=[reconciliation_report],
-    jobs=[reconciliation_job, reconciliation_parallel_job],
+    jobs=[reconciliation_job, reconciliation_parallel_job, reconciliation_celery_job, reconciliation_preflight_job],
     schedules=[reconciliation_hourly_schedule],
     sensors=[close_stale_reports_sensor],
     resources={

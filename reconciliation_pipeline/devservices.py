@@ -682,6 +682,26 @@ def _kill_group(mongo: dict[str, Any], timeout: float = 10.0) -> None:
             time.sleep(0.1)
 
 
+# The indexes a real deployment must have on the portal (the doctor FAILs without them); the
+# pipeline itself never creates them in production.
+PORTAL_INDEXES = ("aktenzeichen", "lastName")
+
+
+def ensure_portal_indexes(uri: str, database: str) -> None:
+    """Create the `clients` collection and its aktenzeichen / lastName indexes when missing."""
+    from pymongo import MongoClient
+
+    client: Any = MongoClient(uri, serverSelectionTimeoutMS=5000)
+    try:
+        db = client[database]
+        if "clients" not in db.list_collection_names():
+            db.create_collection("clients")
+        for field in PORTAL_INDEXES:
+            db["clients"].create_index([(field, 1)])
+    finally:
+        client.close()
+
+
 # --------------------------------------------------------------------------------------------
 # Dagster home
 # --------------------------------------------------------------------------------------------
@@ -744,12 +764,15 @@ def ensure_services(state_dir: Path | None = None) -> dict[str, str]:
         state["mongo"] = _start_service_mongo(state_dir, state.get("mongo", {}))
         _write_state(state_dir, state)
 
+        mongo_db = os.environ.get("RECON_MONGO_DB") or DEFAULT_MONGO_DB
+        ensure_portal_indexes(_mongo_uri(state["mongo"]["port"]), mongo_db)
+
         # ---- Dagster home + env
         home = _sync_dagster_home(state_dir)
         env = {
             "RECON_POSTGRES_URL": pg["url"],
             "RECON_MONGO_URI": _mongo_uri(state["mongo"]["port"]),
-            "RECON_MONGO_DB": os.environ.get("RECON_MONGO_DB") or DEFAULT_MONGO_DB,
+            "RECON_MONGO_DB": mongo_db,
             "DAGSTER_HOME": str(home),
             "DAGSTER_POSTGRES_URL": pg["dagster_url"],
         }

@@ -7,10 +7,11 @@ from contextlib import contextmanager
 
 import dagster as dg
 import sqlalchemy as sa
-from pydantic import Field
-from pymongo import MongoClient
+from pydantic import Field, model_validator
+from pymongo import MongoClient, ReadPreference, WriteConcern
 from pymongo.collection import Collection
 from pymongo.errors import PyMongoError
+from pymongo.read_concern import ReadConcern
 
 CLIENTS_COLLECTION = "clients"
 
@@ -39,6 +40,29 @@ class PostgresResource(dg.ConfigurableResource):
             engine.dispose()
 
 
+class WeakWriteConcernError(ValueError):
+    """A write concern that would let a repaired write vanish in a primary failover."""
+
+
+def parse_write_concern(value: str, allow_weak: bool) -> str | int:
+    """`mongo_write_concern` as pymongo's `w`: "majority", or a number of members (1 only when allowed)."""
+    text = str(value).strip()
+    if text == "majority":
+        return "majority"
+    if not text.isdigit():
+        raise WeakWriteConcernError(f"mongo_write_concern must be 'majority' or a number of members, not {value!r}")
+    members = int(text)
+    if members < 1:
+        raise WeakWriteConcernError("mongo_write_concern 0 (unacknowledged) is never allowed: every write is read back")
+    if members == 1 and not allow_weak:
+        raise WeakWriteConcernError(
+            "mongo_write_concern 1 is refused: a write acknowledged by the primary alone can be rolled back "
+            "by a failover after it was counted as repaired; use 'majority', or set allow_weak_write_concern: true "
+            "to accept that risk (e.g. a single-node server)"
+        )
+    return members
+
+
 class MongoResource(dg.ConfigurableResource):
     """The client portal's MongoDB (collection `clients`)."""
 
@@ -46,6 +70,26 @@ class MongoResource(dg.ConfigurableResource):
     database: str = Field(description="Database holding the `clients` collection")
     server_selection_timeout_ms: int = Field(default=5_000)
     socket_timeout_ms: int = Field(default=120_000)
+    mongo_write_concern: str = Field(
+        default="majority",
+        description="Write concern `w` of repair and outbox writes: 'majority' (default) or a number of members; '1' needs allow_weak_write_concern",
+    )
+    allow_weak_write_concern: bool = Field(default=False, description="Accept mongo_write_concern '1' (writes may be lost in a failover)")
+    write_concern_timeout_ms: int = Field(default=30_000, ge=1, description="wtimeout: how long a write waits for the members to acknowledge")
+
+    @model_validator(mode="after")
+    def _write_concern_is_durable(self) -> "MongoResource":
+        parse_write_concern(self.mongo_write_concern, self.allow_weak_write_concern)
+        return self
+
+    def collection_options(self) -> dict:
+        """Write concern, read concern `majority` and primary reads for every collection the pipeline uses."""
+        w = parse_write_concern(self.mongo_write_concern, self.allow_weak_write_concern)
+        return {
+            "write_concern": WriteConcern(w=w, wtimeout=self.write_concern_timeout_ms),
+            "read_concern": ReadConcern("majority"),
+            "read_preference": ReadPreference.PRIMARY,
+        }
 
     @contextmanager
     def get_client(self) -> Iterator[MongoClient]:
@@ -65,10 +109,17 @@ class MongoResource(dg.ConfigurableResource):
             client.close()
 
     @contextmanager
-    def get_clients_collection(self) -> Iterator[Collection]:
-        """The `clients` collection."""
+    def get_collection(self, name: str) -> Iterator[Collection]:
+        """A collection of the database with the durable options (collection_options)."""
+        options = self.collection_options()
         with self.get_client() as client:
-            yield client[self.database][CLIENTS_COLLECTION]
+            yield client[self.database].get_collection(name, **options)
+
+    @contextmanager
+    def get_clients_collection(self) -> Iterator[Collection]:
+        """The `clients` collection, written with `mongo_write_concern` and read with read concern majority."""
+        with self.get_collection(CLIENTS_COLLECTION) as collection:
+            yield collection
 
     def is_available(self) -> bool:
         """Whether the server answers a ping within the selection timeout."""

@@ -102,3 +102,11 @@ def test_cli_validates_the_definitions(tmp_path) -> None:
     result = run_cli(["definitions", "validate", "-m", DEFS_MODULE], env, timeout=180)
     assert result.returncode == 0, describe(result)
     assert "Validation successful" in result.stdout or "passed validation" in result.stdout, describe(result)
+
+
+def test_preflight_job_and_durable_mongo_defaults(defs: dg.Definitions) -> None:
+    """The doctor's job is in the code location; MongoDB writes default to w=majority."""
+    job = defs.resolve_job_def("reconciliation_preflight_job")
+    assert [n.name for n in job.graph.nodes] == ["preflight_checks"]
+    mongo = defs.resources["mongo"]
+    assert mongo.mongo_write_concern == "majority" and mongo.allow_weak_write_concern is False
