@@ -1,0 +1,180 @@
+"""reconciliation_celery_job on two real Celery workers (dagster-celery) against a real broker.
+
+The shard steps must run in the workers' processes, not the launching one, and the run must find
+and repair exactly what an in-process run of reconciliation_job finds on the same data. Runs
+whenever a broker is reachable (RECON_CELERY_BROKER_URL, else RabbitMQ or Redis on 127.0.0.1);
+without one it FAILs under CI=true and skips locally.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import psutil
+import pytest
+import sqlalchemy as sa
+
+from reconciliation_pipeline_tests import datagen
+from reconciliation_pipeline_tests.builders import PARTITION, WINDOW_END
+from reconciliation_pipeline_tests.e2e_support import (
+    DAGSTER, DEFS_MODULE, REPO, dagster_storage_database, describe, finding_rows, kill_group, report_rows, run_cli,
+    subprocess_env, wait_until, write_postgres_home,
+)
+
+CELERY_JOB = "reconciliation_celery_job"
+DAGSTER_CELERY = [str(Path(sys.executable).parent / "dagster-celery")]
+CANDIDATES = (("amqp://guest:guest@127.0.0.1:5672//", 5672), ("redis://127.0.0.1:6379/0", 6379))
+
+
+def _reachable(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _broker() -> str | None:
+    if os.environ.get("RECON_CELERY_BROKER_URL"):
+        return os.environ["RECON_CELERY_BROKER_URL"]
+    return next((url for url, port in CANDIDATES if _reachable(port)), None)
+
+
+@pytest.fixture
+def broker() -> str:
+    url = _broker()
+    if url is None:
+        message = "no Celery broker: set RECON_CELERY_BROKER_URL or run RabbitMQ on :5672 / Redis on :6379"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return url
+
+
+def _settings(queue: str, backend: str) -> dict[str, Any]:
+    return {
+        "resources": {"settings": {"config": {"mongo_shards": 2, "repair_lock_wait_seconds": 30}}},
+        "execution": {"config": {"queue": queue, "backend": backend}},
+    }
+
+
+def _comparable_findings(engine: sa.Engine, report_id: int) -> list[tuple]:
+    keys = ("kind", "client_aktenzeichen", "creditor_email", "pg_amount_cents", "mongo_amount_cents_before",
+            "mongo_amount_cents_after", "action", "error")
+    return sorted((tuple(str(r[k]) for k in keys) for r in finding_rows(engine, report_id)))
+
+
+def _mongo_state(db: Any) -> list[dict]:
+    return sorted(({k: v for k, v in d.items() if k != "_id"} for d in db.clients.find({})), key=lambda d: str(d.get("aktenzeichen")))
+
+
+def _load(pg: sa.Engine, mongo_db: Any) -> None:
+    datagen.generate(pg, mongo_db, emails=600, clients=60, creditors_per_client=5, drift=0.08, outbox=10, keys=10,
+                     window_end=WINDOW_END, seed=13, name_only=0.02)
+
+
+def _descendants(procs: list[subprocess.Popen]) -> set[int]:
+    pids = set()
+    for proc in procs:
+        try:
+            parent = psutil.Process(proc.pid)
+            pids |= {parent.pid} | {c.pid for c in parent.children(recursive=True)}
+        except psutil.NoSuchProcess:
+            pass
+    return pids
+
+
+@pytest.mark.e2e
+def test_celery_job_runs_the_shards_on_the_workers_and_matches_an_in_process_run(
+    broker: str, pg: sa.Engine, pg_url: str, mongo_db: Any, service_env: dict[str, str], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    queue = f"recon_test_{uuid.uuid4().hex[:8]}"  # other engineers' workers on this broker never see our tasks
+    backend = broker if broker.startswith("redis") else "rpc://"
+    run_config = tmp_path / "run_config.yaml"
+    import json
+
+    run_config.write_text(json.dumps(_settings(queue, backend)))
+    worker_yaml = tmp_path / "worker.yaml"
+    worker_yaml.write_text(json.dumps({"execution": {"config": {"broker": {"env": "RECON_CELERY_BROKER_URL"}, "backend": backend,
+                                                                "config_source": {"task_default_queue": queue}}}}))
+    with dagster_storage_database(pg_url) as dagster_url:
+        home, _ = write_postgres_home(tmp_path / "dagster_home")
+        env = subprocess_env(pg_url=pg_url, mongo_uri=service_env["RECON_MONGO_URI"], mongo_db=mongo_db.name,
+                             dagster_home=home, dagster_postgres_url=dagster_url)
+        env["RECON_CELERY_BROKER_URL"] = broker
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])  # `celery` of this venv
+
+        # the reference: reconciliation_job in one process
+        _load(pg, mongo_db)
+        settings_only = tmp_path / "settings.yaml"
+        settings_only.write_text(json.dumps({"resources": _settings(queue, backend)["resources"]}))
+        ref = run_cli(["job", "execute", "-m", DEFS_MODULE, "-j", "reconciliation_job", "-c", str(settings_only),
+                       "--tags", json.dumps({"dagster/partition": PARTITION})], env, timeout=300)
+        assert ref.returncode == 0, describe(ref)
+        ref_report = report_rows(pg)[-1]
+        ref_findings = _comparable_findings(pg, ref_report["id"])
+        ref_state = _mongo_state(mongo_db)
+        assert ref_report["status"] == "completed" and ref_report["auto_repaired"] > 0, ref_report
+
+        # the same data again, now on two Celery workers
+        _load(pg, mongo_db)
+        workers: list[subprocess.Popen] = []
+        logs = []
+        try:
+            for n in (1, 2):
+                log = open(tmp_path / f"worker{n}.log", "w")  # noqa: SIM115 - closed below
+                logs.append(log)
+                workers.append(subprocess.Popen(
+                    [*DAGSTER_CELERY, "worker", "start", "-A", "dagster_celery.app", "-y", str(worker_yaml), "-q", queue,
+                     "-n", f"recon{n}-{queue}", "--", "--concurrency=1", "--pool=prefork"],
+                    env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                ))
+            wait_until(lambda: all("ready" in (tmp_path / f"worker{n}.log").read_text() for n in (1, 2)), timeout=120,
+                       what="both Celery workers ready",
+                       on_timeout=lambda: "\n".join((tmp_path / f"worker{n}.log").read_text()[-3000:] for n in (1, 2)))
+            launched: dict[str, int] = {}
+            result = run_cli(["job", "execute", "-m", DEFS_MODULE, "-j", CELERY_JOB, "-c", str(run_config),
+                              "--tags", json.dumps({"dagster/partition": PARTITION})], env, timeout=600,
+                             watch=lambda pid: (launched.setdefault("pid", pid), lambda: None)[1])
+            worker_pids = _descendants(workers)
+
+            assert result.returncode == 0, describe(result) + "\n".join((tmp_path / f"worker{n}.log").read_text()[-5000:] for n in (1, 2))
+        finally:
+            for proc in workers:
+                kill_group(proc, grace=15)
+            for log in logs:
+                log.close()
+        assert all(proc.poll() is not None for proc in workers)
+
+        monkeypatch.setenv("DAGSTER_POSTGRES_URL", dagster_url)  # the home's dagster.yaml reads it
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            run = next(r for r in instance.get_runs(filters=dg.RunsFilter(job_name=CELERY_JOB)))
+            records = instance.all_logs(run.run_id)
+        launcher_pid = next(e.dagster_event.pid for e in records if e.dagster_event and e.dagster_event.event_type == dg.DagsterEventType.RUN_START)
+        starts = {e.step_key: e.dagster_event.pid for e in records if e.dagster_event and e.dagster_event.event_type == dg.DagsterEventType.STEP_START}
+        celery_hosts = {e.step_key: e.dagster_event.event_specific_data.metadata["Celery worker"].value
+                        for e in records if e.dagster_event and e.dagster_event.event_type == dg.DagsterEventType.ENGINE_EVENT
+                        and "in celery worker" in (e.user_message or "")}
+        shard_steps = sorted(k for k in starts if "compare_shard" in k)
+        evidence = {k: (starts[k], celery_hosts.get(k)) for k in sorted(starts)}
+        print(f"launcher pid {launcher_pid}; worker process tree {sorted(worker_pids)}; step -> (pid, celery worker): {evidence}")
+        assert len(shard_steps) == 2, evidence
+        for step in shard_steps:
+            assert starts[step] in worker_pids and starts[step] != launcher_pid, (step, evidence, worker_pids)
+
+        assert all(pid in worker_pids for pid in starts.values()), evidence  # every step, not only the shards
+
+        report = report_rows(pg)[-1]
+        assert report["run_id"] == run.run_id and report["status"] == "completed", report
+        assert _comparable_findings(pg, report["id"]) == ref_findings
+        assert {k: report[k] for k in ("records_checked", "mismatches_found", "auto_repaired", "failed_repairs")} == \
+            {k: ref_report[k] for k in ("records_checked", "mismatches_found", "auto_repaired", "failed_repairs")}
+        assert _mongo_state(mongo_db) == ref_state
