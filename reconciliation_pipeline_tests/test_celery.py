@@ -15,6 +15,7 @@ import sys
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import dagster as dg
 import psutil
@@ -30,30 +31,40 @@ from reconciliation_pipeline_tests.e2e_support import (
 
 CELERY_JOB = "reconciliation_celery_job"
 DAGSTER_CELERY = [str(Path(sys.executable).parent / "dagster-celery")]
-CANDIDATES = (("amqp://guest:guest@127.0.0.1:5672//", 5672), ("redis://127.0.0.1:6379/0", 6379))
+CANDIDATES = ("amqp://guest:guest@127.0.0.1:5672//", "redis://127.0.0.1:6379/0")
 
 
-def _reachable(port: int) -> bool:
+def _host_port(url: str) -> tuple[str, int]:
+    """Host and port of an amqp:// / pyamqp:// / redis:// broker URL (the scheme's default port)."""
+    parsed = urlsplit(url)
+    default = 6379 if parsed.scheme.startswith(("redis", "rediss")) else 5672
+    return parsed.hostname or "127.0.0.1", parsed.port or default
+
+
+def _reachable(url: str) -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
+        with socket.create_connection(_host_port(url), timeout=1):
             return True
     except OSError:
         return False
 
 
-def _broker() -> str | None:
-    if os.environ.get("RECON_CELERY_BROKER_URL"):
-        return os.environ["RECON_CELERY_BROKER_URL"]
-    return next((url for url, port in CANDIDATES if _reachable(port)), None)
+def _broker() -> tuple[str | None, str]:
+    """The broker to use (None when none answers) and the URLs that were tried."""
+    explicit = os.environ.get("RECON_CELERY_BROKER_URL")
+    candidates = [explicit] if explicit else list(CANDIDATES)
+    tried = ", ".join(f"{_host_port(u)[0]}:{_host_port(u)[1]}" for u in candidates)
+    return next((u for u in candidates if _reachable(u)), None), tried
 
 
 @pytest.fixture
 def broker() -> str:
-    url = _broker()
+    """A reachable Celery broker; none: FAIL under CI=true, skip locally (one line)."""
+    url, tried = _broker()
     if url is None:
-        message = "no Celery broker: set RECON_CELERY_BROKER_URL or run RabbitMQ on :5672 / Redis on :6379"
+        message = f"no Celery broker reachable at {tried} (set RECON_CELERY_BROKER_URL or start RabbitMQ / Redis)"
         if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
+            pytest.fail(message, pytrace=False)
         pytest.skip(message)
     return url
 
@@ -158,19 +169,24 @@ def test_celery_job_runs_the_shards_on_the_workers_and_matches_an_in_process_run
         with dg.DagsterInstance.from_config(str(home)) as instance:
             run = next(r for r in instance.get_runs(filters=dg.RunsFilter(job_name=CELERY_JOB)))
             records = instance.all_logs(run.run_id)
-        launcher_pid = next(e.dagster_event.pid for e in records if e.dagster_event and e.dagster_event.event_type == dg.DagsterEventType.RUN_START)
-        starts = {e.step_key: e.dagster_event.pid for e in records if e.dagster_event and e.dagster_event.event_type == dg.DagsterEventType.STEP_START}
-        celery_hosts = {e.step_key: e.dagster_event.event_specific_data.metadata["Celery worker"].value
-                        for e in records if e.dagster_event and e.dagster_event.event_type == dg.DagsterEventType.ENGINE_EVENT
-                        and "in celery worker" in (e.user_message or "")}
+        events = [e.dagster_event for e in records if e.dagster_event]
+        launcher_pid = next(ev.pid for ev in events if ev.event_type == dg.DagsterEventType.RUN_START)
+        starts = {ev.step_key: ev.pid for ev in events if ev.event_type == dg.DagsterEventType.STEP_START}
+        # dagster-celery's task reports "[CeleryExecutor] Executing steps <key> in celery worker" with
+        # the worker's hostname (`-n`) before it runs the step
+        celery_hosts = {ev.step_key: ev.event_specific_data.metadata["Celery worker"].value
+                        for ev in events if ev.event_type == dg.DagsterEventType.ENGINE_EVENT
+                        and "in celery worker" in (ev.message or "")}
         shard_steps = sorted(k for k in starts if "compare_shard" in k)
-        evidence = {k: (starts[k], celery_hosts.get(k)) for k in sorted(starts)}
-        print(f"launcher pid {launcher_pid}; worker process tree {sorted(worker_pids)}; step -> (pid, celery worker): {evidence}")
+        evidence = "\n".join(f"  {k:<52} pid {starts[k]:<7} celery worker {celery_hosts.get(k)}" for k in sorted(starts))
+        print(f"\nlauncher (dagster job execute): pid {launcher_pid} on {socket.gethostname()}, cli pid {launched.get('pid')}\n"
+              f"worker process trees: {sorted(worker_pids)}\nstep -> process:\n{evidence}")
+        assert launcher_pid == launched["pid"], (launcher_pid, launched)
         assert len(shard_steps) == 2, evidence
-        for step in shard_steps:
-            assert starts[step] in worker_pids and starts[step] != launcher_pid, (step, evidence, worker_pids)
-
-        assert all(pid in worker_pids for pid in starts.values()), evidence  # every step, not only the shards
+        worker_names = {f"recon{n}-{queue}@{socket.gethostname()}" for n in (1, 2)}
+        for step, pid in starts.items():  # every step, not only the shards
+            assert pid in worker_pids and pid != launcher_pid, (step, evidence, worker_pids)
+            assert celery_hosts.get(step) in worker_names, (step, evidence, worker_names)
 
         report = report_rows(pg)[-1]
         assert report["run_id"] == run.run_id and report["status"] == "completed", report
@@ -178,3 +194,21 @@ def test_celery_job_runs_the_shards_on_the_workers_and_matches_an_in_process_run
         assert {k: report[k] for k in ("records_checked", "mismatches_found", "auto_repaired", "failed_repairs")} == \
             {k: ref_report[k] for k in ("records_checked", "mismatches_found", "auto_repaired", "failed_repairs")}
         assert _mongo_state(mongo_db) == ref_state
+
+
+@pytest.mark.parametrize("ci, outcome", [("true", "1 error"), ("", "1 skipped")])
+def test_without_a_broker_the_celery_test_fails_in_ci_and_skips_locally(ci: str, outcome: str, service_env: dict[str, str]) -> None:
+    """The two-worker test above, run by pytest against a broker URL nothing listens on: CI=true fails the run."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends
+    env = {**os.environ, **service_env, "RECON_CELERY_BROKER_URL": f"amqp://guest:guest@127.0.0.1:{port}//", "CI": ci}
+    test = f"{Path(__file__).resolve()}::test_celery_job_runs_the_shards_on_the_workers_and_matches_an_in_process_run"
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rsE", "-p", "no:cacheprovider", "-p", "no:logging", test],
+                            env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = result.stdout + result.stderr
+    assert outcome in out, out
+    assert result.returncode == (1 if ci else 0), out
+    summary = [line for line in out.splitlines() if line.startswith(("ERROR ", "SKIPPED "))]  # the -rsE summary
+    assert len(summary) == 1 and summary[0].startswith("ERROR" if ci else "SKIPPED"), out  # a fixture failure: pytest exits 1
+    assert f"no Celery broker reachable at 127.0.0.1:{port} (" in summary[0], out
