@@ -26,7 +26,9 @@ from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
 
 from reconciliation_pipeline.core import repair as core_repair
 from reconciliation_pipeline.core.keys import last_name_patterns
-from reconciliation_pipeline.resources import CLIENTS_COLLECTION, MongoResource, PostgresResource, WeakWriteConcernError
+from reconciliation_pipeline.resources import (
+    CLIENTS_COLLECTION, MongoResource, PostgresResource, WeakWriteConcernError, parse_write_concern,
+)
 from reconciliation_pipeline.store import mongo as mongo_store
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -433,13 +435,21 @@ def run_checks(pg_url: str | None, mongo: MongoResource | None, dagster_home: st
 
 
 def checks_from_environment(**mongo_options) -> list[Check]:
-    """run_checks with the job's environment variables."""
+    """run_checks with the job's environment variables; a refused write concern FAILs and the rest still runs."""
     uri, database = os.environ.get("RECON_MONGO_URI"), os.environ.get("RECON_MONGO_DB")
+    refused = None
     try:
-        mongo = MongoResource(uri=uri, database=database, **mongo_options) if uri and database else None
-    except ValueError as exc:
-        return [Check("mongodb", "write concern setting", FAIL, str(exc))]
-    return run_checks(os.environ.get("RECON_POSTGRES_URL"), mongo, os.environ.get("DAGSTER_HOME"))
+        parse_write_concern(mongo_options.get("mongo_write_concern", "majority"), mongo_options.get("allow_weak_write_concern", False))
+    except WeakWriteConcernError as exc:
+        refused = Check("mongodb", "write concern setting", FAIL, str(exc), "set mongo_write_concern: majority")
+        mongo_options = {k: v for k, v in mongo_options.items() if k not in ("mongo_write_concern", "allow_weak_write_concern")}
+    mongo = MongoResource(uri=uri, database=database, **mongo_options) if uri and database else None
+    checks = run_checks(os.environ.get("RECON_POSTGRES_URL"), mongo, os.environ.get("DAGSTER_HOME"))
+    if refused is not None:
+        checks = [refused if c.name == refused.name else c for c in checks]
+        if refused not in checks:
+            checks.append(refused)
+    return checks
 
 
 def main(argv: list[str] | None = None) -> int:

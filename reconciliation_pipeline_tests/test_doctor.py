@@ -7,6 +7,7 @@ wire server over pymongo; the CLI and the preflight job run as an operator would
 from __future__ import annotations
 
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from typing import Any
 import dagster as dg
 import pytest
 import sqlalchemy as sa
+from pymongo import monitoring
 from sqlalchemy.engine import make_url
 
 from reconciliation_pipeline import doctor
@@ -63,12 +65,29 @@ def _dev_env(service_env: dict[str, str], **overrides: str) -> dict[str, str]:
     return env
 
 
-def test_doctor_passes_on_the_dev_services(service_env: dict[str, str]) -> None:
-    """`python -m reconciliation_pipeline.doctor` against the dev services (devservices up made the indexes)."""
-    from reconciliation_pipeline.devservices import ensure_portal_indexes
+def _exports(stdout: str) -> dict[str, str]:
+    """The variables of `devservices up`'s `export NAME='value'` lines."""
+    return {name: shlex.split(value)[0] for name, value in
+            (line.removeprefix("export ").split("=", 1) for line in stdout.splitlines() if line.startswith("export "))}
 
-    ensure_portal_indexes(service_env["RECON_MONGO_URI"], service_env.get("RECON_MONGO_DB", "client_portal"))
-    result = _doctor_cli(_dev_env(service_env))
+
+def test_doctor_passes_on_the_dev_services(service_env: dict[str, str], mongo_db: Any) -> None:
+    """`devservices up` (which creates `clients` and its indexes), `make tables`, then the doctor CLI: 0 FAIL.
+    The portal database is a fresh one, so the indexes the doctor finds are the ones `up` created."""
+    assert mongo_db.name not in mongo_db.client.list_database_names()
+    env = _dev_env(service_env, RECON_MONGO_DB=mongo_db.name)
+    up = subprocess.run([sys.executable, "-m", "reconciliation_pipeline.devservices", "up"], env=env, cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+    assert up.returncode == 0, up.stdout + up.stderr
+    env.update(_exports(up.stdout))
+    assert env["RECON_MONGO_DB"] == mongo_db.name
+    indexes = [spec["key"] for spec in mongo_db.clients.index_information().values()]
+    assert [("aktenzeichen", 1)] in indexes and [("lastName", 1)] in indexes, indexes
+    for command in ("create-app-tables", "upgrade"):  # make tables
+        step = subprocess.run([sys.executable, "-m", "reconciliation_pipeline.db", command], env=env, cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+        assert step.returncode == 0, step.stdout + step.stderr
+    result = _doctor_cli(env)
     print(result.stdout)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "\n0 FAIL," in result.stdout
@@ -177,13 +196,21 @@ def test_the_batched_delete_of_expired_keys_needs_update_too(scratch_pg: str) ->
 
 
 def test_migrations_behind_fail(pg_url: str) -> None:
+    """One migration behind head: FAIL with the upgrade command; after the upgrade: ok."""
+    from alembic.script import ScriptDirectory
+
+    from reconciliation_pipeline.db import alembic_config
+
+    script = ScriptDirectory.from_config(alembic_config(pg_url))
+    head = script.get_current_head()
+    behind = script.get_revision(head).down_revision
     with scratch_database(pg_url, prefix="recon_doctor") as url:
         url = make_url(url).set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
         create_app_tables(url)
-        upgrade(url, revision="0003")
+        upgrade(url, revision=behind)
         checks = _by_name(doctor.check_postgres(url))
         assert checks["migrations"].status == doctor.FAIL
-        assert checks["migrations"].detail == "at 0003, head 0004"
+        assert checks["migrations"].detail == f"at {behind}, head {head}"
         assert checks["migrations"].fix == "python -m reconciliation_pipeline.db upgrade"
         upgrade(url)
         assert _by_name(doctor.check_postgres(url))["migrations"].status == doctor.OK
@@ -270,3 +297,93 @@ def test_the_clients_collection_is_durable_and_the_wire_server_accepts_it(servic
         assert coll.find_one({"_id": oid})["aktenzeichen"] == "WC-1"
     honoured = _by_name(doctor.check_mongo(mongo))["write concern honoured"]
     assert honoured.status == doctor.WARN and "ignores write concerns" in honoured.detail
+
+
+class _ClientsCommands(monitoring.CommandListener):
+    """Records the commands sent to one database's `clients` while `database` is set (pymongo command monitoring)."""
+
+    def __init__(self) -> None:
+        self.database: str | None = None
+        self.commands: list[dict] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if self.database and event.database_name == self.database and event.command.get(event.command_name) == "clients":
+            self.commands.append(dict(event.command))
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+_LISTENER = _ClientsCommands()
+monitoring.register(_LISTENER)  # applies to MongoClients created from now on (each resource block makes one)
+
+
+def test_the_pipeline_writes_with_majority_and_reads_with_read_concern_majority(pg: sa.Engine, mongo_db: Any, reconcile) -> None:
+    """A real run (outbox deliveries, repairs and their read-backs) as seen on the wire: every write to
+    `clients` carries w=majority, every read readConcern majority."""
+    from reconciliation_pipeline_tests import datagen
+    from reconciliation_pipeline_tests.builders import WINDOW_END, reports
+
+    datagen.generate(pg, mongo_db, emails=300, clients=30, creditors_per_client=4, drift=0.1, outbox=10, keys=4,
+                     window_end=WINDOW_END, seed=7)
+    _LISTENER.database, _LISTENER.commands = mongo_db.name, []
+    try:
+        reconcile()
+    finally:
+        _LISTENER.database = None
+    report = reports(pg)[-1]
+    assert report["status"] == "completed" and report["auto_repaired"] > 0 and report["outbox_succeeded"] > 0, report
+    writes = [c for c in _LISTENER.commands if next(iter(c)) in ("update", "insert", "delete")]
+    reads = [c for c in _LISTENER.commands if next(iter(c)) in ("find", "aggregate", "count", "distinct")]
+    assert len(writes) >= 2, writes  # the outbox's bulk_write and the repair's (several updates of one document are one)
+    assert writes and all(c.get("writeConcern") == {"w": "majority", "wtimeout": 30_000} for c in writes), \
+        [c.get("writeConcern") for c in writes]
+    assert len(reads) > 1 and all(c.get("readConcern") == {"level": "majority"} for c in reads), [c.get("readConcern") for c in reads]
+    assert not any("$readPreference" in c and c["$readPreference"].get("mode") != "primary" for c in reads)
+
+
+def test_a_weak_write_concern_in_run_config_fails_the_run_before_any_write(
+    pg: sa.Engine, pg_url: str, mongo_db: Any, service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`resources.mongo.config.mongo_write_concern: "1"` is refused when the run starts its resources;
+    with allow_weak_write_concern: true the same run writes (with w=1)."""
+    from reconciliation_pipeline.definitions import defs
+    from reconciliation_pipeline_tests import datagen
+    from reconciliation_pipeline_tests.builders import PARTITION, WINDOW_END, reports
+
+    for name, value in {"RECON_POSTGRES_URL": pg_url, "RECON_MONGO_URI": service_env["RECON_MONGO_URI"], "RECON_MONGO_DB": mongo_db.name}.items():
+        monkeypatch.setenv(name, value)
+    datagen.generate(pg, mongo_db, emails=100, clients=10, creditors_per_client=3, drift=0.2, outbox=2, keys=2,
+                     window_end=WINDOW_END, seed=3)
+    before = list(mongo_db.clients.find({}, sort=[("_id", 1)]))
+    job = defs.resolve_job_def("reconciliation_job")
+    connection = {"uri": {"env": "RECON_MONGO_URI"}, "database": {"env": "RECON_MONGO_DB"}}  # run config replaces the whole resource config
+    weak = {"resources": {"mongo": {"config": {**connection, "mongo_write_concern": "1"}}}}
+    result = job.execute_in_process(run_config=weak, partition_key=PARTITION, raise_on_error=False, instance=dg.DagsterInstance.ephemeral())
+    assert not result.success
+    errors = [e.event_specific_data.error.to_string() for e in result.all_events
+              if e.event_type_value in ("RESOURCE_INIT_FAILURE", "STEP_FAILURE", "RUN_FAILURE") and getattr(e.event_specific_data, "error", None)]
+    assert any("mongo_write_concern 1 is refused" in text for text in errors), errors
+    assert list(mongo_db.clients.find({}, sort=[("_id", 1)])) == before  # nothing written
+    allowed = {"resources": {"mongo": {"config": {**connection, "mongo_write_concern": "1", "allow_weak_write_concern": True}}}}
+    result = job.execute_in_process(run_config=allowed, partition_key=PARTITION, instance=dg.DagsterInstance.ephemeral())
+    assert result.success and reports(pg)[-1]["auto_repaired"] > 0
+
+
+def test_the_doctor_cli_fails_a_weak_write_concern(service_env: dict[str, str], portal: Any) -> None:
+    """`--mongo-write-concern 1` FAILs the doctor; with --allow-weak-write-concern the setting is ok."""
+    env = _dev_env(service_env, RECON_MONGO_DB=portal.name)
+    weak = subprocess.run([sys.executable, "-m", "reconciliation_pipeline.doctor", "--mongo-write-concern", "1"], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert weak.returncode == 1
+    line = next(line for line in weak.stdout.splitlines() if " write concern setting " in line)
+    assert line.startswith("FAIL") and "mongo_write_concern 1 is refused" in line, weak.stdout
+    assert [line for line in weak.stdout.splitlines() if line.startswith("FAIL")] == [line], weak.stdout  # the only FAIL
+    assert " migrations " in weak.stdout and " compare-and-swap write " in weak.stdout  # the other checks still ran
+    allowed = subprocess.run([sys.executable, "-m", "reconciliation_pipeline.doctor", "--mongo-write-concern", "1",
+                              "--allow-weak-write-concern"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    line = next(line for line in allowed.stdout.splitlines() if " write concern setting " in line)
+    assert line.startswith("ok") and "w=1" in line, allowed.stdout
