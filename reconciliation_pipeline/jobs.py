@@ -29,7 +29,7 @@ reconciliation_job = dg.define_asset_job(
 )
 
 # The same asset with the multiprocess executor, for runs that shard the MongoDB extract
-# (settings.mongo_shards > 1) and want the shards in parallel; k8s/celery executors slot in here.
+# (settings.mongo_shards > 1) and want the shards in parallel on one machine.
 reconciliation_parallel_job = dg.define_asset_job(
     "reconciliation_parallel_job",
     selection=SELECTION,
@@ -37,7 +37,6 @@ reconciliation_parallel_job = dg.define_asset_job(
     tags=JOB_TAGS,
     executor_def=dg.multiprocess_executor,
 )
-
 
 
 @dg.configured(
