@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 import sqlalchemy as sa
 from bson import ObjectId
-from pymongo import UpdateOne
+from pymongo import UpdateOne, WriteConcern
 from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
 
 from reconciliation_pipeline.core import repair as core_repair
@@ -222,8 +222,11 @@ def check_mongo(mongo: MongoResource) -> list[Check]:
 def _write_concern_honoured(db, hello: dict) -> Check:
     """A write concern naming no member tag must be refused by a server that honours write concerns."""
     name = f"reconciliation_doctor_wc_{uuid.uuid4().hex[:8]}"
+    # through pymongo's write path: a server may refuse the command or answer ok with a writeConcernError,
+    # which insert_one raises as WriteConcernError (an OperationFailure); db.command would not
+    probe = db.get_collection(name, write_concern=WriteConcern(w="no_such_tag_recon_doctor", wtimeout=1000))
     try:
-        db.command({"insert": name, "documents": [{"probe": 1}], "writeConcern": {"w": "no_such_tag_recon_doctor", "wtimeout": 1000}})
+        probe.insert_one({"probe": 1})
         honoured = False
     except OperationFailure:
         honoured = True

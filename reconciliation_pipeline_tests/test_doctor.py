@@ -387,3 +387,19 @@ def test_the_doctor_cli_fails_a_weak_write_concern(service_env: dict[str, str], 
                               "--allow-weak-write-concern"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     line = next(line for line in allowed.stdout.splitlines() if " write concern setting " in line)
     assert line.startswith("ok") and "w=1" in line, allowed.stdout
+
+
+def test_the_doctor_never_prints_credentials(service_env: dict[str, str]) -> None:
+    """Unreachable PostgreSQL and MongoDB with passwords in their URLs: both FAIL, no password in the output."""
+    secret = f"S3cret{uuid.uuid4().hex[:8]}"
+    env = _dev_env(
+        service_env,
+        RECON_POSTGRES_URL=f"postgresql+psycopg://recon:{secret}@127.0.0.1:{_closed_port()}/app",
+        RECON_MONGO_URI=f"mongodb://recon:{secret}@127.0.0.1:{_closed_port()}/?directConnection=true&serverSelectionTimeoutMS=1000",
+    )
+    result = _doctor_cli(env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    fails = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
+    assert any("postgres" in line and " connect " in line for line in fails), result.stdout
+    assert any("mongodb" in line and " reachable " in line for line in fails), result.stdout
+    assert secret not in result.stdout + result.stderr
