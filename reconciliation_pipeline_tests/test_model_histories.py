@@ -47,7 +47,7 @@ from reconciliation_pipeline.core.outbox import parse_payload
 from reconciliation_pipeline.faults import POINTS
 from reconciliation_pipeline.ops import LOOKBACK_TAG
 from reconciliation_pipeline.resources import MongoResource, PostgresResource, ReconciliationSettings
-from reconciliation_pipeline.schema import incoming_emails, outbox_messages
+from reconciliation_pipeline.schema import idempotency_keys, incoming_emails, outbox_messages
 from reconciliation_pipeline.steps import IN_FLIGHT
 from reconciliation_pipeline_tests.fault_support import (
     FORWARD_THEN_CUT,
@@ -75,6 +75,9 @@ PAIRS = [(az, pos) for az in CLIENTS for pos in range(len(CREDITORS))]
 NO_ANSWER_YET = ("MH-1002", 1)  # starts without creditor_response_amount (missing_in_mongo)
 MAX_KEY = (datetime.max.replace(tzinfo=timezone.utc), 0, datetime.max.replace(tzinfo=timezone.utc), 0)
 INITIAL_KEY = (EARLIEST, -1, EARLIEST, -1)
+# how long before it was recorded a reply was received: whole minutes (ties on purpose), sometimes with
+# microseconds (PostgreSQL keeps them, MongoDB keeps milliseconds)
+DELAYS = st.builds(lambda m, us: timedelta(minutes=m, microseconds=us), st.integers(0, 120), st.sampled_from([0, 0, 0, 400, 999_999]))
 ELEMENT_WRITABLE = {"creditor_response_amount", "current_debt_amount", "amount_source", "response_received_at",
                     "contact_status", "last_contacted_at", "creditor_response_text", "response_reference_numbers"}
 
@@ -169,13 +172,13 @@ class Stores:
             instance=self.instance, raise_on_error=False, tags={LOOKBACK_TAG: str(plan.lookback)},
         )
 
-    def cli(self, plan: RunPlan) -> tuple[int, str]:
+    def cli(self, plan: RunPlan, mongo_uri: str) -> tuple[int, str]:
         config = write_config(self.tmp / "run_config.json", dry_run=plan.dry_run, max_repairs=plan.max_repairs,
                               repair_lock_wait_seconds=5)
         tags = {"dagster/partition": partition_key_ending(plan.partition_end), LOOKBACK_TAG: str(plan.lookback)}
         args = [*dagster_bin(), "job", "execute", "-m", "reconciliation_pipeline.definitions", "-j", "reconciliation_job",
                 "--tags", json.dumps(tags), "-c", str(config)]
-        env = cli_env(pg_url=self.pg_url, mongo_uri=self.mongo_uri, mongo_db=self.db_name, dagster_home=self.home,
+        env = cli_env(pg_url=self.pg_url, mongo_uri=mongo_uri, mongo_db=self.db_name, dagster_home=self.home,
                       fault=plan.kill_at)
         result = run_cli(args, env, self.tmp / "cli_logs", timeout=180)
         self.cli_seconds.append(result.seconds)
@@ -228,7 +231,19 @@ class ReconciliationHistories(RuleBasedStateMachine):
                 creditors.append(element)
             self.stores.db.clients.insert_one({"aktenzeichen": az, "firstName": first, "lastName": last,
                                                "portal_flags": {"archived": False}, "final_creditor_list": creditors})
+        self._expired_keys(3)
         self.frozen = {pair: {k: v for k, v in e.items() if k not in ELEMENT_WRITABLE} for pair, e in element_state(self.stores.db).items()}
+
+    def _expired_keys(self, n: int) -> None:
+        """Idempotency keys past their expiry: cleanup deletes them (and `mid_cleanup` is reached)."""
+        with self.stores.engine.begin() as conn:
+            conn.execute(idempotency_keys.insert(), [
+                {"key": f"idem-{uuid.uuid4().hex}", "created_at": self.clock - timedelta(days=2), "expires_at": self.clock - timedelta(days=1)}
+                for _ in range(n)])
+
+    @rule(n=st.integers(1, 3))
+    def idempotency_keys_expire(self, n):
+        self._expired_keys(n)
 
     def _payload(self, pair: tuple[str, int], amount: Any, amount_key: str, **extra: Any) -> dict:
         az, pos = pair
@@ -257,8 +272,8 @@ class ReconciliationHistories(RuleBasedStateMachine):
                 idempotency_key=f"k-{uuid.uuid4().hex}", created_at=created,
             ).returning(outbox_messages.c.id)).scalar_one()
 
-    def _received(self, pair: tuple[str, int], delay: int) -> datetime:
-        received = self.clock - timedelta(minutes=delay)
+    def _received(self, pair: tuple[str, int], delay: timedelta) -> datetime:
+        received = self.clock - delay
         # Known gap, kept out of the histories: the diff compares synced emails only, so it does not
         # restore a delivered creditor_debt_update that the application itself overwrote in MongoDB
         # with an older direct write.
@@ -281,13 +296,13 @@ class ReconciliationHistories(RuleBasedStateMachine):
         db.clients.update_one({"_id": doc["_id"]}, {"$set": {"final_creditor_list": creditors}})
         return statement
 
-    @rule(pair=st.sampled_from(PAIRS), advance=st.integers(1, 50), delay=st.integers(0, 120))
+    @rule(pair=st.sampled_from(PAIRS), advance=st.integers(1, 50), delay=DELAYS)
     def reply_synced_directly(self, pair, advance, delay):
         self.clock += timedelta(minutes=advance)
         statement = self.app_direct_write(pair, self._received(pair, delay), self.stores.db)
         note(f"app: {pair} {statement.what} {statement.cents} received {statement.stated_at:%H:%M}")
 
-    @rule(pair=st.sampled_from(PAIRS), advance=st.integers(1, 50), delay=st.integers(0, 120),
+    @rule(pair=st.sampled_from(PAIRS), advance=st.integers(1, 50), delay=DELAYS,
           messages=st.lists(st.tuples(st.integers(-20, 20), st.sampled_from(["new_debt_amount", "debt_amount"])), min_size=1, max_size=3))
     def reply_failed_into_outbox(self, pair, advance, delay, messages):
         self.clock += timedelta(minutes=advance)
@@ -303,7 +318,7 @@ class ReconciliationHistories(RuleBasedStateMachine):
         note(f"app: {pair} email {email_id} failed, messages {list(zip(amounts, messages))} received {received:%H:%M}")
 
     @rule(pair=st.sampled_from(PAIRS), advance=st.integers(1, 50), offset=st.integers(-20, 20),
-          stated_delay=st.none() | st.integers(0, 90))
+          stated_delay=st.none() | DELAYS)
     def debt_update(self, pair, advance, offset, stated_delay):
         self.clock += timedelta(minutes=advance)
         cents = self.world.cents()
@@ -311,7 +326,7 @@ class ReconciliationHistories(RuleBasedStateMachine):
         extra = {}
         stated = created
         if stated_delay is not None:
-            stated = self.clock - timedelta(minutes=stated_delay)
+            stated = self.clock - stated_delay
             extra["response_received_at"] = stated.isoformat()
         mid = self._insert_message(self._payload(pair, cents / 100, "new_debt_amount", **extra), created,
                                    ("creditor_debt_update", f"{pair[0]}:{pair[1]}"))
@@ -356,15 +371,15 @@ class ReconciliationHistories(RuleBasedStateMachine):
 
     @rule(lookback=st.sampled_from([1, 2, 6, 48]))
     def reconcile_current_partition(self, lookback):
-        self._reconcile(self._plan("current", 0, lookback), "none", 1, None, 0)
+        self._reconcile(self._plan("current", 0, lookback), "none", 1, None, timedelta(0))
 
     @rule(back=st.integers(1, 6), lookback=st.sampled_from([1, 2, 6, 48]))
     def backfill_old_partition(self, back, lookback):
-        self._reconcile(self._plan("backfill", back, lookback), "none", 1, None, 0)
+        self._reconcile(self._plan("backfill", back, lookback), "none", 1, None, timedelta(0))
 
     @rule(which=st.sampled_from(["current", "backfill"]), back=st.integers(1, 6), lookback=st.sampled_from([1, 6, 48]),
           fault=st.sampled_from(["cut_update", "cut_find", "concurrent", "concurrent", "dry_run", "budget"]),
-          nth=st.integers(1, 3), concurrent_pair=st.sampled_from(PAIRS), concurrent_delay=st.integers(0, 120))
+          nth=st.integers(1, 3), concurrent_pair=st.sampled_from(PAIRS), concurrent_delay=DELAYS)
     def reconcile_with_a_fault(self, which, back, lookback, fault, nth, concurrent_pair, concurrent_delay):
         self._reconcile(self._plan(which, back, lookback), fault, nth, concurrent_pair, concurrent_delay)
 
@@ -377,9 +392,9 @@ class ReconciliationHistories(RuleBasedStateMachine):
         plan.via, plan.kill_at = "cli", kill_at
         if self.mongo_down:
             plan.fault = "mongo_down"
-        self._run(plan, None, 0)
+        self._run(plan, None, timedelta(0))
 
-    def _run(self, plan: RunPlan, concurrent_pair: tuple[str, int] | None, concurrent_delay: int) -> None:
+    def _run(self, plan: RunPlan, concurrent_pair: tuple[str, int] | None, concurrent_delay: timedelta) -> None:
         self.runs += 1
         stats = type(self).stats
         stats["runs"] = stats.get("runs", 0) + 1
@@ -413,7 +428,7 @@ class ReconciliationHistories(RuleBasedStateMachine):
         note(f"run {self.runs}: {plan}")
         try:
             if plan.via == "cli":
-                code, output = stores.cli(plan)
+                code, output = stores.cli(plan, uri)
                 if plan.kill_at is None:
                     assert code == 0, output
             else:
@@ -514,7 +529,7 @@ class ReconciliationHistories(RuleBasedStateMachine):
     def teardown(self) -> None:
         """Every history ends with a quiet run of the current partition over the whole history."""
         self.mongo_down = False
-        self._run(self._plan("current", 0, 48), None, 0)
+        self._run(self._plan("current", 0, 48), None, timedelta(0))
         stats = type(self).stats
         stats["histories"] = stats.get("histories", 0) + 1
         stats["statements"] = stats.get("statements", 0) + sum(len(v) for v in self.world.statements.values())
