@@ -3,6 +3,7 @@
 import dagster as dg
 
 from reconciliation_pipeline.assets import reconciliation_report
+from reconciliation_pipeline.io_managers import RunFilesIOManager
 from reconciliation_pipeline.jobs import (
     reconciliation_hourly_schedule,
     reconciliation_celery_job,
@@ -22,5 +23,6 @@ defs = dg.Definitions(
         "postgres": PostgresResource(url=dg.EnvVar("RECON_POSTGRES_URL")),
         "mongo": MongoResource(uri=dg.EnvVar("RECON_MONGO_URI"), database=dg.EnvVar("RECON_MONGO_DB")),
         "settings": ReconciliationSettings(),
+        "io_manager": RunFilesIOManager(),  # run-scoped Parquet/BSON/JSON, dropped when the run succeeds
     },
 )

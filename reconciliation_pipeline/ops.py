@@ -1,14 +1,11 @@
 """The ops of one reconciliation run: thin wrappers around `steps` with resources and the window."""
 
 
-import os
-import shutil
-
 import dagster as dg
 import pandas as pd
-from dagster._core.errors import DagsterInvalidPropertyError
 
 from reconciliation_pipeline import faults, steps
+from reconciliation_pipeline.io_managers import REPORT_TABLE
 from reconciliation_pipeline.liveness import close_stale_reports
 from reconciliation_pipeline.partitions import hourly_partitions
 from reconciliation_pipeline.report import build_report
@@ -20,10 +17,8 @@ READ_RETRY = dg.RetryPolicy(max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTI
 
 
 def _partition_window(context: dg.OpExecutionContext) -> dg.TimeWindow:
-    try:
-        return context.partition_time_window
-    except DagsterInvalidPropertyError:  # the op invoked on its own (op tests): same partitions definition
-        return hourly_partitions.time_window_for_partition_key(context.partition_key)
+    # the asset's partitions definition, also when the op is invoked on its own (op tests)
+    return hourly_partitions.time_window_for_partition_key(context.partition_key)
 
 
 LOOKBACK_TAG = "reconciliation/lookback_hours"
@@ -141,33 +136,29 @@ def cleanup(
         return steps.cleanup(engine, settings.outbox_retention_days, settings.cleanup_batch_size, context.log)
 
 
-def _forget_intermediate_outputs(context: dg.OpExecutionContext) -> None:
-    """Delete this run's pickled op outputs: the email frames hold client names.
-
-    Only the default filesystem IO manager's run directory is touched; a failed run keeps it so
-    that a retry from failure can reuse the outputs.
-    """
-    run_dir = os.path.join(context.instance.storage_directory(), context.run_id)
-    if os.path.isdir(run_dir):
-        shutil.rmtree(run_dir, ignore_errors=True)
-
-
 @dg.op(
     out={
-        "result": dg.Out(dict, description="The run's reconciliation report"),
+        "result": dg.Out(dict, description="The run's reconciliation_reports row: {table, report_id}"),
         **{name: dg.Out(is_required=False) for name in ("reconciliation_report_no_unrepaired_drift", "reconciliation_report_repair_budget_not_exceeded", "reconciliation_report_no_dead_outbox_messages")},
-    }
+    },
 )
 def finish_report(
     context: dg.OpExecutionContext, run: steps.RunContext, outbox: steps.OutboxResult, repaired: steps.RepairResult,
-    cleaned: dict, postgres: PostgresResource, settings: ReconciliationSettings,
+    cleaned: dict, postgres: PostgresResource, settings: ReconciliationSettings, io_manager: dg.ResourceParam[dg.IOManager],
 ):
-    """Complete the reconciliation_reports row and materialize the report with metadata and checks."""
+    """Complete the reconciliation_reports row, materialize the report with metadata and checks, drop the run's files."""
     started = context.instance.get_run_stats(context.run_id).start_time
     report = build_report(run, outbox, repaired, cleaned, settings.findings_in_details, started)
     with postgres.get_engine() as engine:
         pg.finish_report(engine, run.report_id, report.row)
     context.log.info(f"report {run.report_id}: " + ", ".join(f"{k}={v}" for k, v in report.counts.items()))
-    _forget_intermediate_outputs(context)
-    yield dg.Output(report.summary, output_name="result", metadata=report.metadata)
+    row = {"table": REPORT_TABLE, "report_id": run.report_id}
+    yield dg.Output(row, output_name="result", metadata={**report.metadata, "table": dg.MetadataValue.text(REPORT_TABLE)})
     yield from report.check_results
+    # The last step and every output handled: the run has succeeded, its stored outputs (email
+    # frames with client names) go. A failure before this line keeps them for re-execution.
+    drop_run = getattr(io_manager, "drop_run", None)
+    if drop_run is None:
+        context.log.warning(f"io_manager {type(io_manager).__name__} cannot drop the run's files")
+    else:
+        context.log.info(f"run files dropped: {drop_run(context.run, context.instance)} run directories")

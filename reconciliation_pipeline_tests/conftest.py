@@ -18,6 +18,7 @@ from pymongo import MongoClient
 from sqlalchemy.engine import make_url
 
 from reconciliation_pipeline.db import create_app_tables, upgrade
+from reconciliation_pipeline.io_managers import RunFilesIOManager
 from reconciliation_pipeline.resources import MongoResource, PostgresResource, ReconciliationSettings
 from reconciliation_pipeline_tests.builders import PARTITION
 
@@ -99,6 +100,7 @@ def resources(pg: sa.Engine, pg_url: str, mongo_db: Any, service_env: dict[str, 
         "postgres": PostgresResource(url=pg_url),
         "mongo": MongoResource(uri=service_env["RECON_MONGO_URI"], database=mongo_db.name, server_selection_timeout_ms=3000),
         "settings": ReconciliationSettings(repair_lock_wait_seconds=5),
+        "io_manager": RunFilesIOManager(),
     }
 
 
