@@ -36,6 +36,7 @@ MANIFEST = "value.json"
 BSON_OPTIONS = CodecOptions(tz_aware=True)
 DATACLASS_MODULES = ("reconciliation_pipeline.",)  # only these classes are rebuilt from a manifest
 REPORT_TABLE = "reconciliation_reports"
+RUN_FILES_DIR = "run_outputs"
 
 
 # --- values <-> files ---------------------------------------------------------------------------
@@ -278,8 +279,9 @@ class RunFilesIOManager(dg.ConfigurableIOManagerFactory):
 
     base_dir: str | None = Field(
         default=None,
-        description="Directory for the run files (default: the instance's storage directory); must be shared by all of a run's processes",
+        description="Directory for the run files (default: <instance storage directory>/run_outputs); must be shared by all of a run's processes",
     )
 
     def create_io_manager(self, context: dg.InitResourceContext) -> RunFiles:
-        return RunFiles(Path(self.base_dir or context.instance.storage_directory()))
+        # a subdirectory: the compute logs live in <storage>/<run_id>/ and must stay
+        return RunFiles(Path(self.base_dir or os.path.join(context.instance.storage_directory(), RUN_FILES_DIR)))

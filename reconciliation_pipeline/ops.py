@@ -149,6 +149,7 @@ def finish_report(
     """Complete the reconciliation_reports row, materialize the report with metadata and checks, drop the run's files."""
     started = context.instance.get_run_stats(context.run_id).start_time
     report = build_report(run, outbox, repaired, cleaned, settings.findings_in_details, started)
+    faults.checkpoint("before_report_finished")
     with postgres.get_engine() as engine:
         pg.finish_report(engine, run.report_id, report.row)
     context.log.info(f"report {run.report_id}: " + ", ".join(f"{k}={v}" for k, v in report.counts.items()))
