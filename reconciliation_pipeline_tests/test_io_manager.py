@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -18,7 +20,9 @@ from hypothesis import strategies as st
 from reconciliation_pipeline import steps
 from reconciliation_pipeline.io_managers import RUN_FILES_DIR, read_value, write_value
 from reconciliation_pipeline_tests.builders import PARTITION
-from reconciliation_pipeline_tests.e2e_support import DEFS_MODULE, JOB, describe, materializations, report_rows, run_cli
+from reconciliation_pipeline_tests.e2e_support import (
+    DEFS_MODULE, JOB, REPO, amounts, describe, finding_rows, job_runs, materializations, report_rows, run_cli, run_debug,
+)
 from reconciliation_pipeline_tests.test_cli_e2e import cli_env, seed_mismatch_and_missing, sqlite_home  # noqa: F401 (fixtures)
 
 
@@ -113,3 +117,79 @@ def test_successful_run_leaves_no_intermediate_outputs(pg, mongo_db, cli_env, sq
         assert "path" not in metadata
         assert metadata["table"].value == "reconciliation_reports"
         assert metadata["report_id"].value == report_rows(pg)[0]["id"]
+
+
+def reconciliation_job_def() -> dg.JobDefinition:
+    """The code location's reconciliation_job (a module-level factory, so `dg.reconstructable` can name it)."""
+    from reconciliation_pipeline.definitions import defs
+
+    return defs.resolve_job_def(JOB)
+
+
+# Re-execution from failure through Dagster's public API, in its own process against the DAGSTER_HOME instance.
+REEXECUTE_FROM_FAILURE = """
+import sys
+import dagster as dg
+from reconciliation_pipeline_tests.test_io_manager import reconciliation_job_def
+
+with dg.DagsterInstance.get() as instance:
+    options = dg.ReexecutionOptions.from_failure(sys.argv[1], instance)
+    parent = instance.get_run_by_id(sys.argv[1])  # execute_job does not copy them (the UI and run retries do)
+    result = dg.execute_job(dg.reconstructable(reconciliation_job_def), instance, tags=parent.tags, reexecution_options=options)
+    print("REEXECUTION", result.run_id, result.success)
+    sys.exit(0 if result.success else 1)
+"""
+
+
+@pytest.mark.e2e
+def test_failed_run_keeps_its_files_and_is_reexecuted_from_failure(pg, mongo_db, cli_env, sqlite_home):
+    expected = seed_mismatch_and_missing(pg, mongo_db)
+    storage = sqlite_home / "storage"
+
+    # 1. the last op raises: every other step has succeeded and stored its output
+    failing = run_cli(["job", "execute", "-m", DEFS_MODULE, "-j", JOB, "--tags", json.dumps({"dagster/partition": PARTITION})],
+                      {**cli_env, "RECON_FAULT_RAISE_AT": "before_report_finished"})
+    assert failing.returncode != 0, describe(failing)
+    assert "fault injected at before_report_finished" in failing.stdout, describe(failing)
+    with dg.DagsterInstance.from_config(str(sqlite_home)) as instance:
+        [failed] = job_runs(instance)
+        assert failed.status == dg.DagsterRunStatus.FAILURE, run_debug(instance)
+        assert materializations(instance, [PARTITION]) == []
+    kept = _files(storage / RUN_FILES_DIR / failed.run_id)
+    # step keys of the graph-backed asset: reconciliation_report.<op>
+    assert {p.relative_to(storage / RUN_FILES_DIR / failed.run_id).parts[0].rpartition(".")[2] for p in kept} >= {
+        "open_report", "retry_outbox", "extract_postgres", "repair_mongo", "cleanup"}, kept
+    assert not [p for p in _files(storage) if p.suffix in (".pickle", ".pkl")]
+    [report] = report_rows(pg)
+    assert report["status"] == "failed" and report["run_id"] == failed.run_id, report  # the failure hook's record
+    assert "finish_report" in report["error_message"] and "InjectedFault" in report["error_message"], report
+    assert amounts(mongo_db) == expected  # repair_mongo ran in the failed run
+
+    # 2. re-executed from failure: only finish_report runs, its inputs read from the failed run's files
+    reexec = subprocess.run([sys.executable, "-c", REEXECUTE_FROM_FAILURE, failed.run_id], env=cli_env, cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert reexec.returncode == 0, f"exit {reexec.returncode}\n{reexec.stdout[-8000:]}\n{reexec.stderr[-8000:]}"
+    with dg.DagsterInstance.from_config(str(sqlite_home)) as instance:
+        runs = job_runs(instance)
+        assert len(runs) == 2, run_debug(instance)
+        child = next(r for r in runs if r.run_id != failed.run_id)
+        assert child.status == dg.DagsterRunStatus.SUCCESS, run_debug(instance)
+        assert child.parent_run_id == failed.run_id and child.root_run_id == failed.run_id
+        assert child.tags.get("dagster/partition") == PARTITION
+        started = {e.step_key for e in instance.all_logs(child.run_id, of_type=dg.DagsterEventType.STEP_START)}
+        assert {key.rpartition(".")[2] for key in started} == {"finish_report"}, started
+        [record] = materializations(instance, [PARTITION])
+        assert record.run_id == child.run_id
+        metadata = record.asset_materialization.metadata
+        assert "path" not in metadata and metadata["table"].value == "reconciliation_reports"
+    [report] = report_rows(pg)  # one report row for the partition, completed by the re-execution
+    assert report["status"] == "completed" and report["error_message"] is None, report
+    assert report["run_id"] == failed.run_id  # opened by the failed run (re-execution keeps the root's row)
+    assert metadata["report_id"].value == report["id"]
+    assert (report["records_checked"], report["mismatches_found"], report["auto_repaired"]) == (2, 2, 2)
+    assert sorted(f["action"] for f in finding_rows(pg, report["id"])) == ["repaired", "repaired"]
+
+    # 3. the successful re-execution dropped its own files and the failed run's; the compute logs stay
+    assert _files(storage / RUN_FILES_DIR) == []
+    left = _files(storage)
+    assert left and all("compute_logs" in p.parts for p in left), left

@@ -320,12 +320,12 @@ def heartbeat(engine: Engine, report_id: int) -> None:
 
 
 def finish_report(engine: Engine, report_id: int, values: Mapping[str, Any]) -> None:
-    """Record the final counts and details and mark the report completed."""
+    """Record the final counts and details and mark the report completed (a re-execution from failure clears the failure)."""
     with engine.begin() as conn:
         conn.execute(
             reconciliation_reports.update()
             .where(reconciliation_reports.c.id == report_id)
-            .values(**values, status="completed", completed_at=sa.func.now(), heartbeat_at=sa.func.now())
+            .values(**values, status="completed", error_message=None, completed_at=sa.func.now(), heartbeat_at=sa.func.now())
         )
 
 
