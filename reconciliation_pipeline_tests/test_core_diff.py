@@ -1,4 +1,4 @@
-"""Unit and property tests of the vectorised match and diff (reconciliation_pipeline.core.diff, frames).
+"""Unit and property tests of the vectorised match and diff (reconciliation_pipeline.core.kernel, matching, diff, frames).
 
 RULES.md sections 2 and 3: expected amount = newest synced email of a pair, client by aktenzeichen
 then name, creditor levels 1..4, the kinds of finding and when they are repairable.
@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reconciliation_pipeline.core import diff as diff_module
-from reconciliation_pipeline.core import frames, keys
+from reconciliation_pipeline.core import frames, kernel, keys, matching
 from reconciliation_pipeline.core.diff import (
     AMBIGUOUS_CLIENT,
     AMBIGUOUS_CREDITOR,
@@ -1073,7 +1073,7 @@ _TEXTS = ["a", "b", "A", "", " a", "äß", None, float("nan")]
 @given(st.lists(st.lists(st.sampled_from(_TEXTS), max_size=8), min_size=1, max_size=4))
 def test_factorized_is_factorize_of_the_concatenation(columns):
     arrays = [np.array(c, dtype=object) for c in columns]
-    codes, uniques = diff_module._factorized(*arrays)
+    codes, uniques = kernel.factorized(*arrays)
     want_codes, want_uniques = pd.factorize(np.concatenate(arrays))
     assert np.array_equal(np.concatenate(codes), want_codes)
     assert list(uniques) == list(want_uniques)
@@ -1083,7 +1083,7 @@ def test_factorized_is_factorize_of_the_concatenation(columns):
 @given(st.lists(st.integers(-1, 4), max_size=12), st.lists(st.integers(-1, 4), max_size=12))
 def test_equi_join_is_an_inner_merge(left, right):
     left, right = np.array(left, dtype=np.int64), np.array(right, dtype=np.int64)
-    rows_left, rows_right = diff_module._equi_join(left, right)
+    rows_left, rows_right = kernel.equi_join(left, right)
     a = pd.DataFrame({"k": left, "l": np.arange(len(left))})
     b = pd.DataFrame({"k": right, "r": np.arange(len(right))})
     merged = a[a["k"] >= 0].merge(b[b["k"] >= 0], on="k")
@@ -1100,7 +1100,7 @@ def test_newest_is_the_last_after_sorting(rows):
         "email_id": [e for _, _, e in rows],
     })
     group, n_groups = pd.factorize(frame["group"])
-    got = diff_module._newest(group, len(n_groups), frame["received_at"], frame["email_id"].to_numpy())
+    got = kernel.newest(group, len(n_groups), frame["received_at"], frame["email_id"].to_numpy())
     want = frame.sort_values(["received_at", "email_id"]).drop_duplicates("group", keep="last")
     assert sorted(got.tolist()) == sorted(want.index.tolist())
     assert all(group[i] == g for g, i in enumerate(got))
@@ -1111,7 +1111,7 @@ def test_newest_is_the_last_after_sorting(rows):
 def test_pair_codes_are_equal_exactly_for_equal_pairs(pairs, extra_width):
     a = np.array([p[0] for p in pairs], dtype=np.int64)
     b = np.array([p[1] for p in pairs], dtype=np.int64)
-    codes = diff_module._pair(a, b, 4 + extra_width)
+    codes = kernel.pair(a, b, 4 + extra_width)
     for i, p in enumerate(pairs):
         assert (codes[i] == -1) == (min(p) < 0)
         for j, q in enumerate(pairs):
@@ -1185,14 +1185,14 @@ def test_match_equals_the_reference_implementation(data):
     rows, docs = data
     emails = frames.prepare_emails(pd.DataFrame(rows, columns=frames.EMAIL_COLUMNS))
     clients, elements = frames.prepare_clients(docs)
-    got, got_candidates = diff_module.match(emails.assign(in_window=True), clients, elements)
+    got, got_candidates = matching.match(emails.assign(in_window=True), clients, elements)
     want, want_candidates = ref_match(emails.assign(in_window=True), clients, elements)
     pd.testing.assert_frame_equal(got, want)
     pd.testing.assert_frame_equal(got_candidates, want_candidates)
     found = got[got["client_status"] == "matched"]  # client ids as strings, not _coded
-    candidates = diff_module._candidate_frame(
-        found, elements, *diff_module._creditor_match(*diff_module._creditor_args(found), elements))
+    candidates = matching._candidate_frame(
+        found, elements, *matching._creditor_match(*matching._creditor_args(found), elements))
     pd.testing.assert_frame_equal(candidates, ref_creditor_candidates(found, elements))
     # as route_emails calls it: string client ids, a subset of the emails with their own index
     subset = emails.iloc[::2]
-    pd.testing.assert_frame_equal(diff_module.match_clients(subset, clients), ref_match_clients(subset, clients))
+    pd.testing.assert_frame_equal(matching.match_clients(subset, clients), ref_match_clients(subset, clients))
