@@ -84,11 +84,11 @@ ui: services tables
 
 bench: services
 	$(WITH_ENV)
-	$(VPY) -m reconciliation_pipeline_tests.bench $(BENCH_ARGS)
+	$(VPY) -m benchmarks.bench $(BENCH_ARGS)
 
 bench-shards: services
 	$(WITH_ENV)
-	$(VPY) -m reconciliation_pipeline_tests.bench_shards $(BENCH_ARGS)
+	$(VPY) -m benchmarks.bench_shards $(BENCH_ARGS)
 
 down:
 	if [ -x "$(VPY)" ]; then $(DEVSERVICES) down; else echo "no $(VENV); nothing to stop" >&2; fi

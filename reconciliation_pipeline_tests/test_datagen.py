@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from reconciliation_pipeline import steps
 from reconciliation_pipeline.store import postgres as pg_store
-from reconciliation_pipeline_tests import datagen
+from benchmarks import datagen
 from reconciliation_pipeline_tests.builders import WINDOW_END
 
 LOG = logging.getLogger("test_datagen")

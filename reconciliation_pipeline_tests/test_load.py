@@ -23,7 +23,7 @@ import psutil
 import pytest
 import sqlalchemy as sa
 
-from reconciliation_pipeline_tests import datagen
+from benchmarks import datagen
 from reconciliation_pipeline_tests.builders import PARTITION, WINDOW_END
 from reconciliation_pipeline_tests.e2e_support import (
     DEFS_MODULE, JOB, report_rows, run_cli, subprocess_env, write_run_config, write_sqlite_home,

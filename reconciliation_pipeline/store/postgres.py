@@ -42,41 +42,17 @@ WHERE e.sync_status = 'synced'
   AND json_typeof(e.extracted_data) = 'object'
   AND strpos(d.txt, '"debt_amount"') > 0
 """
-WINDOW_EMAILS = sa.text(_EMAIL_SELECT.format(in_window="true") + " AND e.created_at >= :start AND e.created_at < :end")
-RELATED_EMAILS = sa.text(
-    _EMAIL_SELECT.format(in_window="false")
-    + """
-  AND NOT (e.created_at >= :start AND e.created_at < :end)
-  AND ((lower(btrim(e.from_email)) = ANY(:emails) AND e.received_at >= :min_received)
-       OR (e.received_at >= :start AND e.received_at < :end))
-"""
-)
-
 MONGO_WRITER_LOCK = 7_340_210_001  # pg advisory lock key: one MongoDB writer at a time
 
 
 def _stream(
     engine: Engine, statement: sa.TextClause, params: Mapping[str, Any], chunk_rows: int
 ) -> Iterator[pd.DataFrame]:
-    """Raw email rows in chunks from a server-side cursor (bounded memory for any window)."""
+    """Raw email rows in chunks from a server-side cursor (bounded memory for any window); COPY's fallback."""
     with engine.connect() as conn:
         result = conn.execution_options(stream_results=True, yield_per=chunk_rows).execute(statement, params)
         for part in result.partitions(chunk_rows):
             yield pd.DataFrame(part, columns=EMAIL_COLUMNS + TYPED_COLUMNS)
-
-
-def stream_window_emails(engine: Engine, start: datetime, end: datetime, chunk_rows: int = 50_000) -> Iterator[pd.DataFrame]:
-    """The window's synced emails that have a debt_amount, in chunks."""
-    return _stream(engine, WINDOW_EMAILS, {"start": start, "end": end}, chunk_rows)
-
-
-def stream_related_emails(
-    engine: Engine, start: datetime, end: datetime, senders: Sequence[str], min_received: datetime, chunk_rows: int = 50_000
-) -> Iterator[pd.DataFrame]:
-    """Synced emails outside the window that may be newer for a window email's creditor (same
-    sender, received after the oldest window email) or that answer inside the window."""
-    params = {"start": start, "end": end, "emails": list(senders), "min_received": min_received}
-    return _stream(engine, RELATED_EMAILS, params, chunk_rows)
 
 
 # COPY streams the same rows as CSV, parsed by pandas' C reader: several times faster than building
@@ -131,7 +107,8 @@ def copy_window_emails(engine: Engine, start: datetime, end: datetime, chunk_row
 def copy_related_emails(
     engine: Engine, start: datetime, end: datetime, senders: Sequence[str], min_received: datetime, chunk_rows: int = 100_000
 ) -> Iterator[pd.DataFrame]:
-    """As stream_related_emails, via COPY."""
+    """Synced emails outside the window that may be newer for a window email's creditor (same
+    sender, received after the oldest window email) or that answer inside the window, in chunks (COPY)."""
     params = {"start": start, "end": end, "emails": list(senders), "min_received": min_received}
     return _copy_frames(engine, _EMAIL_SELECT.format(in_window="false") + _RELATED_WHERE, params, chunk_rows)
 

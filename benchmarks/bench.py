@@ -1,6 +1,6 @@
 """`make bench`: load synthetic data and measure one reconciliation run against its floor.
 
-    python -m reconciliation_pipeline_tests.bench [--emails N] [--clients N] [--creditors N] [--drift F]
+    python -m benchmarks.bench [--emails N] [--clients N] [--creditors N] [--drift F]
         [--repeats 3] [--skip-load] [--rowwise-sample 10000] [--json-out artifacts/bench.json] [--profile]
 
 Uses the PostgreSQL database `recon_bench` (created on the server of RECON_POSTGRES_URL) and the
@@ -496,7 +496,7 @@ def run_pipeline(args: argparse.Namespace, pg_url: str, start: datetime, end: da
                  profile_out: Path | None = None) -> dict[str, Any]:
     out = Path(args.json_out).parent / f".pipeline-{label}.json"
     cmd = [
-        sys.executable, "-m", "reconciliation_pipeline_tests.bench", "--child-run",
+        sys.executable, "-m", "benchmarks.bench", "--child-run",
         "--child-out", str(out), "--pg-url", pg_url, "--mongo-uri", mongo_uri(), "--mongo-db", BENCH_DB,
         "--window-start", start.isoformat(), "--window-end", end.isoformat(), "--label", label,
         "--diff-repeats", str(args.repeats), "--max-repairs", str(args.max_repairs),
@@ -679,7 +679,7 @@ def evaluate(res: dict[str, Any]) -> list[dict[str, str]]:
 # --- main ---------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m reconciliation_pipeline_tests.bench", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--emails", type=int, default=1_000_000)
     ap.add_argument("--clients", type=int, default=100_000)
@@ -752,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
         fresh = False
         say(f"reusing the loaded data set ({info['emails']:,} emails); drift planted at load time may already be repaired")
     else:
-        from reconciliation_pipeline_tests import datagen
+        from benchmarks import datagen
 
         window_end = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
         outbox = args.outbox if args.outbox is not None else max(20, args.emails // 200)

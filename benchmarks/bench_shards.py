@@ -1,6 +1,6 @@
 """`make bench-shards`: 1 vs N compare shards through Dagster, on the data set `make bench` loaded.
 
-    python -m reconciliation_pipeline_tests.bench_shards [--shards 1,2] [--json-out artifacts/bench_shards.json]
+    python -m benchmarks.bench_shards [--shards 1,2] [--json-out artifacts/bench_shards.json]
 
 For each shard count, one `dagster job execute -j reconciliation_parallel_job` run (multiprocess
 executor: every op in its own process, the shards in parallel) of the partition whose window covers
@@ -22,7 +22,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from reconciliation_pipeline_tests.bench import BENCH_DB, REPO, bench_pg_url, mongo_uri, say
+from benchmarks.bench import BENCH_DB, REPO, bench_pg_url, mongo_uri, say
 
 JOB = "reconciliation_parallel_job"
 
