@@ -22,7 +22,7 @@ import psutil
 import pytest
 import sqlalchemy as sa
 
-from reconciliation_pipeline_tests import datagen
+from benchmarks import datagen
 from reconciliation_pipeline_tests.builders import PARTITION, WINDOW_END
 from reconciliation_pipeline_tests.e2e_support import (
     DAGSTER, DEFS_MODULE, REPO, dagster_storage_database, describe, finding_rows, kill_group, report_rows, run_cli,

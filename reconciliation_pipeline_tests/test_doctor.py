@@ -324,7 +324,7 @@ monitoring.register(_LISTENER)  # applies to MongoClients created from now on (e
 def test_the_pipeline_writes_with_majority_and_reads_with_read_concern_majority(pg: sa.Engine, mongo_db: Any, reconcile) -> None:
     """A real run (outbox deliveries, repairs and their read-backs) as seen on the wire: every write to
     `clients` carries w=majority, every read readConcern majority."""
-    from reconciliation_pipeline_tests import datagen
+    from benchmarks import datagen
     from reconciliation_pipeline_tests.builders import WINDOW_END, reports
 
     datagen.generate(pg, mongo_db, emails=300, clients=30, creditors_per_client=4, drift=0.1, outbox=10, keys=4,
@@ -351,7 +351,7 @@ def test_a_weak_write_concern_in_run_config_fails_the_run_before_any_write(
     """`resources.mongo.config.mongo_write_concern: "1"` is refused when the run starts its resources;
     with allow_weak_write_concern: true the same run writes (with w=1)."""
     from reconciliation_pipeline.definitions import defs
-    from reconciliation_pipeline_tests import datagen
+    from benchmarks import datagen
     from reconciliation_pipeline_tests.builders import PARTITION, WINDOW_END, reports
 
     for name, value in {"RECON_POSTGRES_URL": pg_url, "RECON_MONGO_URI": service_env["RECON_MONGO_URI"], "RECON_MONGO_DB": mongo_db.name}.items():
