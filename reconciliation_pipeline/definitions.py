@@ -11,13 +11,13 @@ from reconciliation_pipeline.jobs import (
     reconciliation_preflight_job,
 )
 from reconciliation_pipeline.resources import MongoResource, PostgresResource, ReconciliationSettings
-from reconciliation_pipeline.sensors import close_stale_reports_sensor
+from reconciliation_pipeline.sensors import close_stale_reports_sensor, reconciliation_alert_sensor
 
 defs = dg.Definitions(
     assets=[reconciliation_report],
     jobs=[reconciliation_job, reconciliation_parallel_job, reconciliation_celery_job, reconciliation_preflight_job],
     schedules=[reconciliation_hourly_schedule],
-    sensors=[close_stale_reports_sensor],
+    sensors=[close_stale_reports_sensor, reconciliation_alert_sensor],
     resources={
         "postgres": PostgresResource(url=dg.EnvVar("RECON_POSTGRES_URL")),
         "mongo": MongoResource(uri=dg.EnvVar("RECON_MONGO_URI"), database=dg.EnvVar("RECON_MONGO_DB")),
