@@ -34,7 +34,7 @@ from playwright.sync_api import sync_playwright
 
 from reconciliation_pipeline import demo
 from reconciliation_pipeline.partitions import hourly_partitions
-from reconciliation_pipeline.report import TABLE_ROWS
+from reconciliation_pipeline.report import TABLE_COLUMNS, TABLE_ROWS
 from reconciliation_pipeline_tests import ui_support as ui
 
 CHROMIUM = ui.chromium_path()
@@ -158,7 +158,11 @@ def report_row(engine: sa.Engine) -> dict:
 
 
 def euros(cents: int | None) -> str:
-    return "" if cents is None else f"{cents / 100:,.2f}"
+    """A float cell as the UI prints it (JavaScript's number formatting: 10.0 -> "10")."""
+    if cents is None:
+        return ""
+    value = cents / 100
+    return str(int(value)) if value == int(value) else repr(value)
 
 
 def finding_cells(engine: sa.Engine, report_id: int) -> list[dict[str, str]]:
@@ -168,8 +172,8 @@ def finding_cells(engine: sa.Engine, report_id: int) -> list[dict[str, str]]:
             "SELECT client_aktenzeichen, creditor_email, kind, pg_amount_cents, mongo_amount_cents_before, action "
             "FROM reconciliation_findings WHERE report_id = :r AND kind <> 'outbox_delivery' ORDER BY id"),
             {"r": report_id}).all()
-    return [{"aktenzeichen": az or "", "creditor": creditor or "", "kind": kind, "PostgreSQL": euros(pg_cents),
-             "MongoDB": euros(mongo_cents), "action": action}
+    return [{"aktenzeichen": az or "", "creditor": creditor or "", "kind": kind, "postgres_eur": euros(pg_cents),
+             "mongo_eur": euros(mongo_cents), "action": action}
             for az, creditor, kind, pg_cents, mongo_cents, action in rows]
 
 
@@ -313,7 +317,7 @@ def assert_findings_table(page, findings: list[dict[str, str]], screenshot: str)
     table.wait_for(state="visible")
     row.screenshot(path=str(ui.ARTIFACTS / f"{screenshot}.png"))
     header = [h.strip() for h in table.locator("th").all_inner_texts()]
-    columns = ["aktenzeichen", "creditor", "kind", "PostgreSQL", "MongoDB", "action"]
+    columns = list(TABLE_COLUMNS)
     assert sorted(header) == sorted(columns), header
     cells = table.locator("tbody tr").evaluate_all(
         "rows => rows.map(r => Array.from(r.querySelectorAll('td')).map(td => td.innerText.trim()))")
