@@ -62,13 +62,20 @@ def _materialization(instance: dg.DagsterInstance, record: Any, engine: Any) -> 
 
 
 def _new_materializations(instance: dg.DagsterInstance, state: alerts.AlertState, engine: Any) -> list[alerts.Materialization]:
-    """Materializations after the cursor, in order, up to the first whose run is still going (its checks may follow)."""
+    """Materializations after the cursor, in order, up to the first whose run is still going (its checks may follow).
+
+    On the first tick: the newest materialization whose run has finished, the baseline (newer ones
+    of runs still going are evaluated on later ticks, as news).
+    """
     if not state.started:
-        records = list(instance.fetch_materializations(ASSET_KEY, limit=1).records)
-    else:
-        records = list(instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=ASSET_KEY, after_storage_id=state.materialization_after),
-            limit=BATCH, ascending=True).records)
+        for record in instance.fetch_materializations(ASSET_KEY, limit=BATCH).records:  # newest first
+            run = instance.get_run_by_id(record.run_id)
+            if run is None or run.status in FINISHED:
+                return [_materialization(instance, record, engine)]
+        return []
+    records = list(instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=ASSET_KEY, after_storage_id=state.materialization_after),
+        limit=BATCH, ascending=True).records)
     out = []
     for record in records:
         run = instance.get_run_by_id(record.run_id)
