@@ -74,8 +74,10 @@ test: venv services chromium-check
 	echo "+ $(VPY) -m pytest -q reconciliation_pipeline_tests $(PYTEST_ARGS)"
 	$(VPY) -m pytest -q reconciliation_pipeline_tests $(PYTEST_ARGS)
 
+# 24 hours of drift reconciled by real runs in DAGSTER_HOME (their log: $$DAGSTER_HOME/demo-runs.log),
+# a line per hour, then the latest report; `make ui` shows the plots.
 demo: venv services tables
-	$(WITH_ENV)
+	@$(WITH_ENV)
 	$(VPY) -m reconciliation_pipeline.demo
 
 ui: services tables

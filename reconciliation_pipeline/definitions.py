@@ -12,13 +12,18 @@ from reconciliation_pipeline.jobs import (
     reconciliation_preflight_job,
 )
 from reconciliation_pipeline.resources import MongoResource, PostgresResource, ReconciliationSettings
-from reconciliation_pipeline.sensors import close_stale_reports_sensor
+from reconciliation_pipeline.sensors import close_stale_reports_sensor, reconciliation_alert_sensor
 
 defs = dg.Definitions(
     assets=[reconciliation_report],
     jobs=[reconciliation_job, reconciliation_parallel_job, reconciliation_celery_job, reconciliation_preflight_job],
     schedules=[reconciliation_hourly_schedule],
-    sensors=[close_stale_reports_sensor],
+    sensors=[close_stale_reports_sensor, reconciliation_alert_sensor],
+    # Runs the UI and `dg launch` start from the asset (Materialize, Partitions-tab backfills) run in one
+    # process like reconciliation_job: with the default multiprocess executor the pid open_report records
+    # is its step's subprocess, gone when the step ends, and a concurrent run's liveness check then
+    # closed the report and failed the live run ("the run's process ... is gone").
+    executor=dg.in_process_executor,
     resources={
         "postgres": PostgresResource(url=dg.EnvVar("RECON_POSTGRES_URL")),
         "mongo": MongoResource(uri=dg.EnvVar("RECON_MONGO_URI"), database=dg.EnvVar("RECON_MONGO_DB")),

@@ -1,4 +1,10 @@
-"""`python -m reconciliation_pipeline.demo`: seed realistic drift, run the latest partition, print the report.
+"""`python -m reconciliation_pipeline.demo`: a day of drift, reconciled hour by hour, then the latest report.
+
+Seeds every kind of drift, then replays the last 24 hourly partitions: before each hour's run some
+creditor amounts in MongoDB drift (a varying number per hour), one outbox message goes dead in one
+hour, and one hour's run trips the repair budget. Each hour is a real run of reconciliation_job in
+the DAGSTER_HOME instance (so the asset's plots show the day), its Dagster log goes to a file, the
+console gets one line per partition, the latest hour's report and the UI's URL.
 
 Needs RECON_POSTGRES_URL, RECON_MONGO_URI, RECON_MONGO_DB and DAGSTER_HOME (see `devservices env`).
 """
@@ -6,12 +12,14 @@ Needs RECON_POSTGRES_URL, RECON_MONGO_URI, RECON_MONGO_DB and DAGSTER_HOME (see 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -46,8 +54,8 @@ def _engine() -> sa.Engine:
     return sa.create_engine(os.environ["RECON_POSTGRES_URL"])
 
 
-def seed(engine: sa.Engine, mongo_db: Any, window_end: datetime) -> dict[str, int]:
-    """Replace the demo data: consistent clients plus one case of every kind of drift."""
+def seed(engine: sa.Engine, mongo_db: Any, window_end: datetime, dead_outbox: bool = True) -> dict[str, int]:
+    """Replace the demo data: consistent clients plus one case of every kind of drift (dead outbox messages optional)."""
     t = window_end - timedelta(hours=3)
     with engine.begin() as conn:
         conn.execute(sa.text("TRUNCATE incoming_emails, outbox_messages, idempotency_keys RESTART IDENTITY"))
@@ -113,6 +121,8 @@ def seed(engine: sa.Engine, mongo_db: Any, window_end: datetime) -> dict[str, in
             dict(aggregate_type="creditor_debt_update", aggregate_id="542900", processed_at=t - timedelta(days=40),
                  created_at=t - timedelta(days=40), payload={"client_aktenzeichen": "542900", "debt_amount": 1}),  # old, processed
         ]
+        if not dead_outbox:  # only the pending delivery and the old processed row
+            outbox = [outbox[0], outbox[-1]]
         for n, row in enumerate(outbox):
             conn.execute(outbox_messages.insert().values(operation="UPDATE", idempotency_key=f"demo-{n}-{uuid.uuid4()}", **row))
         now = datetime.now(timezone.utc)
@@ -120,14 +130,6 @@ def seed(engine: sa.Engine, mongo_db: Any, window_end: datetime) -> dict[str, in
             {"key": f"expired-{k}", "created_at": now - timedelta(days=2), "expires_at": now - timedelta(days=1)} for k in range(25)
         ] + [{"key": f"live-{k}", "created_at": now, "expires_at": now + timedelta(days=1)} for k in range(5)])
     return {"clients": len(docs), "emails": len(emails) + 1, "outbox": len(outbox)}
-
-
-def run_partition(partition_key: str, extra_args: list[str] | None = None) -> int:
-    """Run reconciliation_job for one partition through the dagster CLI."""
-    cmd = [sys.executable, "-m", "dagster", "job", "execute", "-m", "reconciliation_pipeline.definitions",
-           "-j", "reconciliation_job", "--tags", json.dumps({"dagster/partition": partition_key}), *(extra_args or [])]
-    print("$ " + " ".join(cmd), file=sys.stderr)
-    return subprocess.run(cmd).returncode
 
 
 def print_report(engine: sa.Engine, partition_key: str) -> None:
@@ -155,25 +157,165 @@ def print_report(engine: sa.Engine, partition_key: str) -> None:
                   f"{r[5] if r[5] is not None else '':>9} {r[6] if r[6] is not None else '':>9} {r[7] if r[7] is not None else '':>9} {r[8]}")
 
 
+# ------------------------------------------------------------------------------------------ a day of history
+
+HOURS = 24
+# MongoDB amounts that drift before each hour's run (oldest hour first): the plots' shape.
+DRIFT_PER_HOUR = [1, 2, 0, 3, 1, 4, 2, 0, 1, 3, 2, 5, 1, 0, 2, 3, 1, 6, 2, 1, 0, 3, 2, 1]
+DEAD_OUTBOX_HOUR = 9  # before this hour's run an outbox message with one retry left fails for good
+BUDGET_HOUR = 17  # this hour's run has max_repairs below its drift: nothing repaired, the check is red
+BUDGET_MAX_REPAIRS = 3
+DRIFT_CLIENTS = (3, 4, 7)  # indexes into CLIENTS whose creditors the seed leaves consistent (and no outbox message)
+ASSET_PATH = "reconciliation_report"
+UI_URL = os.environ.get("RECON_UI_BASE_URL", "http://127.0.0.1:3000").rstrip("/")
+
+
+@dataclass
+class HourResult:
+    """One replayed hour: its run and the counts of its report row."""
+
+    partition: str
+    run_id: str
+    success: bool
+    report: dict[str, Any]
+
+
+def history_partitions(last: str | None = None, hours: int = HOURS) -> list[str]:
+    """The `hours` hourly partitions ending with `last` (default: the latest complete hour)."""
+    keys = hourly_partitions.get_partition_keys()
+    end = keys.index(last) + 1 if last else len(keys)
+    return keys[max(0, end - hours):end]
+
+
+def _drift_pairs() -> list[tuple[str, str]]:
+    return [(CLIENTS[i][0], email) for i in DRIFT_CLIENTS for _, email in CREDITORS[: 3 + i % 3]]
+
+
+def drift_mongo(mongo_db: Any, hour: int, count: int) -> list[tuple[str, str]]:
+    """Change `count` creditor amounts in MongoDB (a bad write elsewhere); PostgreSQL still has the right ones."""
+    pool = _drift_pairs()
+    start = sum(DRIFT_PER_HOUR[:hour]) if hour < len(DRIFT_PER_HOUR) else hour
+    pairs = [pool[(start + k) % len(pool)] for k in range(count)]
+    for k, (az, email) in enumerate(pairs):
+        doc = mongo_db.clients.find_one({"aktenzeichen": az})
+        for c in doc["final_creditor_list"]:
+            if c.get("sender_email") == email:
+                wrong = round(float(c["creditor_response_amount"]) + 11.11 * (hour + 1) + k, 2)
+                c["creditor_response_amount"] = c["current_debt_amount"] = wrong
+        mongo_db.clients.update_one({"_id": doc["_id"]}, {"$set": {"final_creditor_list": doc["final_creditor_list"]}})
+    return pairs
+
+
+def add_dying_outbox_message(engine: sa.Engine) -> None:
+    """An outbox message for an aktenzeichen MongoDB does not have, on its last retry: it goes dead."""
+    with engine.begin() as conn:
+        conn.execute(outbox_messages.insert().values(
+            aggregate_type="creditor_debt_update", aggregate_id="777777", operation="UPDATE", retry_count=4,
+            idempotency_key=f"demo-dying-{uuid.uuid4()}",
+            payload={"client_aktenzeichen": "777777", "creditor_email": "a@b.de", "debt_amount": 12.5}))
+
+
+@contextmanager
+def output_to(path: Path) -> Iterator[None]:
+    """Send this process's stdout and stderr (file descriptors 1 and 2, so subprocesses too) to `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "ab", buffering=0) as f, open(path, "a", encoding="utf-8") as text:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            with redirect_stdout(text), redirect_stderr(text):  # also when sys.stdout is not fd 1 (pytest)
+                yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def report_for_run(engine: sa.Engine, run_id: str) -> dict[str, Any]:
+    with engine.connect() as conn:
+        row = conn.execute(sa.text("SELECT * FROM reconciliation_reports WHERE run_id = :r"), {"r": run_id}).mappings().first()
+    return dict(row) if row else {}
+
+
+def run_in_process(instance: Any, partition: str, settings: dict[str, Any] | None, log_path: Path) -> tuple[str, bool]:
+    """One real run of reconciliation_job for the partition in `instance` (shown in its UI); Dagster's log to log_path."""
+    from reconciliation_pipeline.definitions import defs
+
+    job = defs.resolve_job_def("reconciliation_job")
+    run_config: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+    if settings:
+        run_config["resources"] = {"settings": {"config": settings}}
+    with output_to(log_path):
+        print(f"==== partition {partition} ====", flush=True)
+        result = job.execute_in_process(instance=instance, partition_key=partition, run_config=run_config,
+                                        raise_on_error=False, tags={"reconciliation/demo": "history"})
+    return result.run_id, result.success
+
+
+def progress_line(n: int, total: int, hour: HourResult) -> str:
+    r = hour.report
+    flags = [f for f, on in (("REPAIR BUDGET TRIPPED", r.get("repairs_halted")), ("run FAILED", not hour.success)) if on]
+    return (f"[{n:2}/{total}] {hour.partition}  checked={r.get('records_checked')} findings={r.get('mismatches_found')} "
+            f"repaired={r.get('auto_repaired')} outbox_dead={r.get('outbox_dead')}  {' '.join(flags)}").rstrip()
+
+
+def replay_history(engine: sa.Engine, mongo_db: Any, instance: Any, partitions: list[str], log_path: Path,
+                   out: Any = None) -> list[HourResult]:
+    """Seed every kind of drift, then for each partition: drift MongoDB a little, run the hour, print a line."""
+    out = out or sys.stdout
+    first_end = hourly_partitions.time_window_for_partition_key(partitions[0]).end.astimezone(timezone.utc)
+    seed(engine, mongo_db, first_end, dead_outbox=False)
+    results = []
+    for i, partition in enumerate(partitions):
+        drift_mongo(mongo_db, i, DRIFT_PER_HOUR[i % len(DRIFT_PER_HOUR)])
+        if i == DEAD_OUTBOX_HOUR:
+            add_dying_outbox_message(engine)
+        settings = {"max_repairs": BUDGET_MAX_REPAIRS} if i == BUDGET_HOUR else None
+        run_id, success = run_in_process(instance, partition, settings, log_path)
+        hour = HourResult(partition, run_id, success, report_for_run(engine, run_id))
+        results.append(hour)
+        print(progress_line(i + 1, len(partitions), hour), file=out, flush=True)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reconciliation_pipeline.demo", description=__doc__)
-    parser.add_argument("--partition", help="partition key to run (default: the latest complete hour)")
-    parser.add_argument("--no-run", action="store_true", help="only seed the data")
+    parser = argparse.ArgumentParser(prog="python -m reconciliation_pipeline.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--partition", help="the last hour to replay (default: the latest complete hour)")
+    parser.add_argument("--hours", type=int, default=HOURS, help=f"hours of history to replay (default {HOURS})")
+    parser.add_argument("--no-run", action="store_true", help="only seed the data (every kind of drift) for --partition")
+    parser.add_argument("--log", help="file for the runs' Dagster log (default: $DAGSTER_HOME/demo-runs.log)")
     args = parser.parse_args(argv)
-    partition = args.partition or latest_partition_key()
-    window_end = hourly_partitions.time_window_for_partition_key(partition).end.astimezone(timezone.utc)
     create_app_tables()
     upgrade()
     engine = _engine()
     mongo = MongoClient(os.environ["RECON_MONGO_URI"], tz_aware=True)
-    counts = seed(engine, mongo[os.environ["RECON_MONGO_DB"]], window_end)
-    print(f"seeded {counts} for partition {partition}", file=sys.stderr)
+    mongo_db = mongo[os.environ["RECON_MONGO_DB"]]
     if args.no_run:
+        partition = args.partition or latest_partition_key()
+        window_end = hourly_partitions.time_window_for_partition_key(partition).end.astimezone(timezone.utc)
+        print(f"seeded {seed(engine, mongo_db, window_end)} for partition {partition}")
         return 0
-    code = run_partition(partition)
-    print_report(engine, partition)
-    print(f"\nOpen the UI with `make ui` and look at asset reconciliation_report, partition {partition}.")
-    return code
+
+    import dagster as dg
+
+    partitions = history_partitions(args.partition, args.hours)
+    log_path = Path(args.log or os.path.join(os.environ["DAGSTER_HOME"], "demo-runs.log"))
+    print(f"Replaying {len(partitions)} hours ({partitions[0]} .. {partitions[-1]}, Europe/Berlin); "
+          f"the runs' Dagster log goes to {log_path}", flush=True)
+    with dg.DagsterInstance.get() as instance:
+        results = replay_history(engine, mongo_db, instance, partitions, log_path)
+    latest = results[-1]
+    print_report(engine, latest.partition)
+    print(f"\nDagster UI (start it with `make ui`): {UI_URL}/assets/{ASSET_PATH}"
+          f"\n  plots: {UI_URL}/assets/{ASSET_PATH}?view=plots   latest run: {UI_URL}/runs/{latest.run_id}")
+    return 0 if all(h.success for h in results) else 1
 
 
 if __name__ == "__main__":

@@ -23,7 +23,15 @@ CHECK_SPECS = [
     dg.AssetCheckSpec(CHECK_DEAD_OUTBOX, asset=ASSET_KEY, description="No outbox message exhausted its retries (red: failed MongoDB writes need a person; see outbox_messages.error_message)."),
 ]
 TABLE_ROWS = 50
-TABLE_COLUMNS = ["aktenzeichen", "kind", "action", "PostgreSQL", "MongoDB", "creditor"]
+FINDINGS_SCHEMA = dg.TableSchema(columns=[
+    dg.TableColumn("aktenzeichen", "string", description="the client's file number (never a name)"),
+    dg.TableColumn("creditor", "string", description="the creditor's e-mail address"),
+    dg.TableColumn("kind", "string", description="data_mismatch, missing_in_mongo, extra_in_mongo, client_not_found, ..."),
+    dg.TableColumn("action", "string", description="repaired, repair_failed, skipped_*, reported"),
+    dg.TableColumn("postgres_eur", "float", description="amount in PostgreSQL (the source of truth), EUR"),
+    dg.TableColumn("mongo_eur", "float", description="amount in MongoDB before the run, EUR"),
+])
+TABLE_COLUMNS = [c.name for c in FINDINGS_SCHEMA.columns]
 
 
 @dataclass
@@ -37,30 +45,25 @@ class Report:
     check_results: list[dg.AssetCheckResult]
 
 
-def _euros(cents: Any) -> str:
-    return "" if cents is None or pd.isna(cents) else f"{int(cents) / 100:,.2f}"
+def _euros(cents: Any) -> float | None:
+    return None if cents is None or pd.isna(cents) else int(cents) / 100
 
 
-def _cell(value: Any) -> str:
-    text = "" if value is None or (not isinstance(value, str) and pd.isna(value)) else str(value)
-    return text.replace("|", "\\|").replace("\n", " ")[:80]
+def _text(value: Any) -> str | None:
+    return None if value is None or (not isinstance(value, str) and pd.isna(value)) else str(value)[:200]
 
 
-def findings_markdown(findings: pd.DataFrame, limit: int = TABLE_ROWS) -> str:
-    """A markdown table of the first findings (aktenzeichen and creditor address, never names)."""
-    if findings.empty:
-        return "No findings in this window."
+def findings_table(findings: pd.DataFrame, limit: int = TABLE_ROWS) -> dg.TableMetadataValue:
+    """The first findings as a table (aktenzeichen and creditor address, never names; amounts in EUR)."""
     head = findings.head(limit)
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    for az, creditor, kind, pg_cents, mongo_cents, action in zip(
-        head["aktenzeichen"], head["creditor_email"], head["kind"], head["pg_amount_cents"],
-        head["mongo_amount_cents"], head["action"],
-    ):
-        creditor_cell = f"`{_cell(creditor)}`" if _cell(creditor) else ""  # code span: no mailto link, no wrapping
-        lines.append("| " + " | ".join([*(_cell(v) for v in (az, kind, action, _euros(pg_cents), _euros(mongo_cents))), creditor_cell]) + " |")
-    more = len(findings) - len(head)
-    suffix = f"\n\nShowing {len(head)} of {len(findings)} findings; all are in `reconciliation_findings`." if more else ""
-    return "\n".join(lines) + suffix
+    records = [
+        dg.TableRecord({"aktenzeichen": _text(az), "creditor": _text(creditor), "kind": _text(kind), "action": _text(action),
+                        "postgres_eur": _euros(pg_cents), "mongo_eur": _euros(mongo_cents)})
+        for az, creditor, kind, pg_cents, mongo_cents, action in zip(
+            head["aktenzeichen"], head["creditor_email"], head["kind"], head["pg_amount_cents"],
+            head["mongo_amount_cents"], head["action"])
+    ] if len(head) else []
+    return dg.MetadataValue.table(records, schema=FINDINGS_SCHEMA)
 
 
 def _details(findings: pd.DataFrame, cap: int) -> list[dict[str, Any]]:
@@ -122,7 +125,8 @@ def build_report(
         "window_start": dg.MetadataValue.text(run.window_start.isoformat()),
         "window_end": dg.MetadataValue.text(run.window_end.isoformat()),
         "report_id": dg.MetadataValue.int(run.report_id),
-        "findings": dg.MetadataValue.md(findings_markdown(findings)),
+        "findings": findings_table(findings),
+        "dagster/row_count": dg.MetadataValue.int(int(len(findings))),  # all findings; the table shows the first TABLE_ROWS
     }
     if duration is not None:
         metadata["duration_seconds"] = dg.MetadataValue.float(round(duration, 3))

@@ -21,6 +21,7 @@ so the run goes through the QueuedRunCoordinator and the daemon as in production
 from __future__ import annotations
 
 import re
+import sys
 import time
 from collections.abc import Iterator
 from datetime import timezone
@@ -34,7 +35,7 @@ from playwright.sync_api import sync_playwright
 
 from reconciliation_pipeline import demo
 from reconciliation_pipeline.partitions import hourly_partitions
-from reconciliation_pipeline.report import TABLE_ROWS
+from reconciliation_pipeline.report import TABLE_COLUMNS, TABLE_ROWS
 from reconciliation_pipeline_tests import ui_support as ui
 
 CHROMIUM = ui.chromium_path()
@@ -158,7 +159,11 @@ def report_row(engine: sa.Engine) -> dict:
 
 
 def euros(cents: int | None) -> str:
-    return "" if cents is None else f"{cents / 100:,.2f}"
+    """A float cell as the UI prints it (JavaScript's number formatting: 10.0 -> "10")."""
+    if cents is None:
+        return ""
+    value = cents / 100
+    return str(int(value)) if value == int(value) else repr(value)
 
 
 def finding_cells(engine: sa.Engine, report_id: int) -> list[dict[str, str]]:
@@ -168,8 +173,8 @@ def finding_cells(engine: sa.Engine, report_id: int) -> list[dict[str, str]]:
             "SELECT client_aktenzeichen, creditor_email, kind, pg_amount_cents, mongo_amount_cents_before, action "
             "FROM reconciliation_findings WHERE report_id = :r AND kind <> 'outbox_delivery' ORDER BY id"),
             {"r": report_id}).all()
-    return [{"aktenzeichen": az or "", "creditor": creditor or "", "kind": kind, "PostgreSQL": euros(pg_cents),
-             "MongoDB": euros(mongo_cents), "action": action}
+    return [{"aktenzeichen": az or "", "creditor": creditor or "", "kind": kind, "postgres_eur": euros(pg_cents),
+             "mongo_eur": euros(mongo_cents), "action": action}
             for az, creditor, kind, pg_cents, mongo_cents, action in rows]
 
 
@@ -306,14 +311,15 @@ def check_asset_pages(page, base_url: str, report: dict, findings: list[dict[str
     shot(page, "05_asset_checks")
 
 
-def assert_findings_table(page, findings: list[dict[str, str]], screenshot: str) -> None:
+def assert_findings_table(page, findings: list[dict[str, str]], screenshot: str,
+                          must_show: tuple[str, ...] = ("data_mismatch", "542900", "aktenzeichen")) -> None:
     """The findings metadata renders as a table with the expected columns and exactly the run's findings."""
     row = page.locator("tr").filter(has=page.get_by_text("findings", exact=True)).first
     table = row.locator("table").first
     table.wait_for(state="visible")
     row.screenshot(path=str(ui.ARTIFACTS / f"{screenshot}.png"))
     header = [h.strip() for h in table.locator("th").all_inner_texts()]
-    columns = ["aktenzeichen", "creditor", "kind", "PostgreSQL", "MongoDB", "action"]
+    columns = list(TABLE_COLUMNS)
     assert sorted(header) == sorted(columns), header
     cells = table.locator("tbody tr").evaluate_all(
         "rows => rows.map(r => Array.from(r.querySelectorAll('td')).map(td => td.innerText.trim()))")
@@ -324,7 +330,7 @@ def assert_findings_table(page, findings: list[dict[str, str]], screenshot: str)
     else:
         assert shown == expected, f"findings table {shown} != audit rows {expected}"
     # e.g. the demo's data_mismatch of client 542900
-    for text in ("data_mismatch", "542900", "aktenzeichen"):
+    for text in must_show:
         assert table.get_by_text(text, exact=True).first.is_visible(), text
 
 
@@ -332,3 +338,157 @@ def assert_no_client_names(page, where: str) -> None:
     text, html = page.locator("body").inner_text(), page.content()
     leaked = [name for name in CLIENT_NAMES if name in text or name in html]
     assert not leaked, f"client names on the {where}: {leaked}"
+
+
+# ------------------------------------------------------------------------------------------ a day of history
+
+HISTORY_LAST = PARTITION  # the demo's 24 hours end with the partition of the test above
+BACKFILL = ["2026-11-27-08:00", "2026-11-27-09:00", "2026-11-27-10:00"]  # older hours, not materialized yet
+HISTORY_ARTIFACTS = ui.ARTIFACTS / "history"
+LINE_PIXELS_JS = """c => {
+    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+    const cols = new Set();
+    for (let y = 0; y < c.height; y++) for (let x = 0; x < c.width; x++) {
+        const i = (y * c.width + x) * 4, r = d[i], g = d[i + 1], b = d[i + 2], a = d[i + 3];
+        if (a > 150 && b > 170 && r < 140 && g < 130 && b - r > 60) cols.add(x);  // the plot line's blue
+    }
+    return cols.size;
+}"""
+
+
+@pytest.fixture
+def history_ui(pg: sa.Engine, pg_url: str, mongo_db: Any, service_env: dict[str, str], tmp_path: Path,
+               monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[ui.DagsterDev, list]]:
+    """The demo's day of history (24 real runs) in a fresh PostgreSQL-backed instance, then `dagster dev` over it."""
+    import dagster as dg
+
+    HISTORY_ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for old in HISTORY_ARTIFACTS.glob("*.png"):
+        old.unlink()
+    with ui.dagster_storage_database(service_env) as storage_url:
+        home = ui.write_dagster_home(tmp_path / "dagster_home")
+        env = ui.dev_env(pg_url=pg_url, mongo_uri=service_env["RECON_MONGO_URI"], mongo_db=mongo_db.name,
+                         dagster_home=home, dagster_postgres_url=storage_url)
+        for name in ("RECON_POSTGRES_URL", "RECON_MONGO_URI", "RECON_MONGO_DB", "DAGSTER_HOME", "DAGSTER_POSTGRES_URL"):
+            monkeypatch.setenv(name, env[name])
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            results = demo.replay_history(pg, mongo_db, instance, demo.history_partitions(HISTORY_LAST),
+                                          tmp_path / "demo-runs.log", out=sys.stdout)
+        assert all(h.success for h in results)
+        dev = ui.start_dagster_dev(env, HISTORY_ARTIFACTS / "dagster_dev.log", timeout=120)
+        try:
+            yield dev, results
+        finally:
+            dev.stop()
+            print(f"screenshots and the dagster dev log: {HISTORY_ARTIFACTS}")
+
+
+def history_shot(page, name: str) -> Path:
+    path = HISTORY_ARTIFACTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+BACKFILLS_QUERY = """{ partitionBackfillsOrError(limit: 10) { __typename ... on PartitionBackfills { results {
+    id status partitionNames runs { runId status tags { key value } } } } } }"""
+
+
+def wait_for_backfill(base_url: str, partitions: list[str], timeout: float, on_timeout) -> dict:
+    """Until the UI's backfill of `partitions` has a finished run for each; returns it."""
+    deadline = time.monotonic() + timeout
+    backfill: dict = {}
+    while time.monotonic() < deadline:
+        results = ui.graphql(base_url, BACKFILLS_QUERY)["partitionBackfillsOrError"]["results"]
+        backfill = next((b for b in results if sorted(b["partitionNames"] or []) == sorted(partitions)), {})
+        runs = backfill.get("runs") or []
+        if len(runs) == len(partitions) and all(r["status"] in ui.FINISHED for r in runs):
+            return backfill
+        time.sleep(2)
+    raise AssertionError(f"backfill of {partitions} not finished after {timeout}s: {backfill}\n{on_timeout()}")
+
+
+def test_operator_sees_a_day_of_drift_and_backfills_three_hours(history_ui, page, pg: sa.Engine):
+    dev, results = history_ui
+    base = dev.base_url
+    ui.set_nux_seen(base)
+    repository, location = ui.job_location(base)
+    assert ui.stop_schedule(base, repository, location) == "STOPPED"
+    asset_url = f"{base}/assets/{ui.ASSET}"
+    latest = results[-1]
+    try:
+        # 1. the plots: every count over the 24 partitions (a line, not a dot)
+        page.set_viewport_size({"width": 1600, "height": 2600})
+        page.goto(asset_url)
+        visible(page, "Latest materialization", exact=True)
+        page.get_by_role("button", name="Plots").first.click()
+        title = visible(page, "mismatches_found", exact=True)
+        canvas = title.locator("xpath=ancestor::*[.//canvas][1]").locator("canvas").first
+        canvas.wait_for(state="visible")
+        time.sleep(1.5)  # the chart animates in
+        history_shot(page, "01_plots")
+        canvas.screenshot(path=str(HISTORY_ARTIFACTS / "01b_plot_mismatches_found.png"))
+        line_columns = canvas.evaluate(LINE_PIXELS_JS)
+        assert line_columns >= 20, f"the mismatches_found plot draws {line_columns} pixel columns: a dot, not a line"
+        found = {h.partition: h.report["mismatches_found"] for h in results}
+        assert len(set(found.values())) >= 3, found  # what the line plots: at least 3 different points
+        for key in ("auto_repaired", "outbox_dead", "records_checked"):
+            assert page.get_by_text(key, exact=True).count() >= 1, key
+        assert_no_client_names(page, "asset plots")
+
+        # 2. the latest hour's findings table (the partition's own view)
+        page.set_viewport_size({"width": 1920, "height": 1400})
+        page.goto(f"{asset_url}?view=partitions&partition={latest.partition}")
+        visible(page, "Latest materialization", exact=True)
+        assert_metadata(page, "mismatches_found", latest.report["mismatches_found"])
+        assert_findings_table(page, finding_cells(pg, latest.report["id"]), "history/02b_findings_table",
+                              must_show=("client_not_found", "999999", "aktenzeichen"))
+        assert_no_client_names(page, "asset partition view")
+        history_shot(page, "02_findings")
+
+        # 3. the checks tab: the latest hour has a dead outbox message and open drift, its budget held
+        page.set_viewport_size({"width": 1600, "height": 1000})
+        page.goto(f"{asset_url}?view=checks")
+        for name in CHECKS:
+            visible(page, name, exact=True)
+        text = " ".join(page.locator("body").inner_text().split())
+        expected = {"no_unrepaired_drift": "Failed", "repair_budget_not_exceeded": "Succeeded",
+                    "no_dead_outbox_messages": "Failed"}
+        for name, result in expected.items():
+            assert re.search(rf"{name}( {name})? {result}\b", text), f"{name}: expected {result} in {text!r}"
+        history_shot(page, "03_checks")
+
+        # 4. a backfill of 3 partitions from the Partitions tab; the daemon runs them
+        page.set_viewport_size({"width": 1600, "height": 1200})
+        page.goto(f"{asset_url}?view=partitions")
+        visible(page, f"Materialized ({len(results)})", exact=True)
+        page.get_by_role("button", name="Materialize…").first.click()
+        dialog = page.get_by_role("dialog")
+        selection = dialog.locator("input[type=text]").first
+        selection.click()
+        selection.fill(f"[{BACKFILL[0]}...{BACKFILL[-1]}]")
+        selection.press("Enter")
+        visible(dialog, "3 partitions", exact=True)
+        history_shot(page, "04_backfill_dialog")
+        dialog.get_by_role("button", name="Launch backfill").click()
+        backfill = wait_for_backfill(base, BACKFILL, timeout=300, on_timeout=dev.log)
+        statuses = {ui.partition_of(r): r["status"] for r in backfill["runs"]}
+        assert statuses == {p: "SUCCESS" for p in BACKFILL}, (statuses, [ui.run_failure_events(base, r["runId"])
+                                                                      for r in backfill["runs"]])
+        with pg.connect() as conn:
+            rows = conn.execute(sa.text("SELECT partition_key, status FROM reconciliation_reports "
+                                        "WHERE partition_key = ANY(:p)"), {"p": BACKFILL}).all()
+        assert sorted(rows) == [(p, "completed") for p in BACKFILL], rows
+        page.goto(f"{base}/runs/b/{backfill['id']}")  # the backfill's page: its range, 3 of 3 succeeded
+        visible(page, re.compile(rf"^{re.escape(BACKFILL[0])}\W+{re.escape(BACKFILL[-1])}$"))
+        visible(page, "100% completed", exact=True)
+        visible(page, "Succeeded", exact=True)
+        history_shot(page, "05_backfill_page")
+        page.goto(f"{asset_url}?view=partitions")
+        visible(page, f"Materialized ({len(results) + len(BACKFILL)})", exact=True)
+        history_shot(page, "06_partitions_after_backfill")
+    except BaseException:
+        try:
+            history_shot(page, "99_failure")
+        finally:
+            print(f"--- dagster dev log ({dev.log_path}) ---\n{dev.log()}")
+        raise

@@ -58,6 +58,13 @@ def test_sensor_exists(defs: dg.Definitions) -> None:
     assert sensor.name == "close_stale_reports_sensor"
 
 
+def test_alert_sensor_runs_by_default_at_most_once_a_minute(defs: dg.Definitions) -> None:
+    sensor = defs.resolve_sensor_def("reconciliation_alert_sensor")
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    assert sensor.minimum_interval_seconds == 60
+    assert "postgres" in sensor.required_resource_keys
+
+
 def test_report_asset_has_the_three_checks(defs: dg.Definitions) -> None:
     asset = defs.resolve_assets_def("reconciliation_report")
     assert {k.name for k in asset.check_keys} == CHECK_NAMES

@@ -3,6 +3,7 @@
 import socket
 from datetime import timedelta
 
+import dagster as dg
 import pytest
 import sqlalchemy as sa
 
@@ -60,8 +61,15 @@ def test_every_kind_of_finding_end_to_end(pg, mongo_db, reconcile):
     [mat] = result.asset_materializations_for_node("reconciliation_report")
     meta = mat.metadata
     assert meta["records_checked"].value == report["records_checked"] and meta["auto_repaired"].value == 2
-    table = meta["findings"].value
-    assert "542900" in table and "data_mismatch" in table and "Mustermann" not in table and "Schmidt" not in table
+    table = meta["findings"]
+    assert isinstance(table, dg.TableMetadataValue) and [c.name for c in table.schema.columns] == [
+        "aktenzeichen", "creditor", "kind", "action", "postgres_eur", "mongo_eur"]
+    assert meta["dagster/row_count"].value == report["mismatches_found"] == len(table.records)
+    rows = [r.data for r in table.records]
+    assert {"aktenzeichen": "542900", "kind": "data_mismatch"}.items() <= next(r for r in rows if r["kind"] == "data_mismatch").items()
+    assert all(isinstance(r["postgres_eur"], (float, type(None))) for r in rows)
+    text = repr(rows)
+    assert "Mustermann" not in text and "Schmidt" not in text
 
 
 def test_second_run_writes_nothing(pg, mongo_db, reconcile):

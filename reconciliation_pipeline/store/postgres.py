@@ -396,3 +396,15 @@ def unverified_writes(conn: Connection, in_flight: str, limit: int) -> list[Mapp
         {"in_flight": in_flight, "limit": limit},
     )]
 
+
+
+def unrepaired_findings(engine: Engine, report_id: int) -> list[Mapping[str, Any]]:
+    """The report's findings left in MongoDB (every action but `repaired`; outbox deliveries excluded)."""
+    f = reconciliation_findings
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(f.c.kind, f.c.client_aktenzeichen, f.c.creditor_email, f.c.email_id)
+            .where(f.c.report_id == report_id, f.c.kind != "outbox_delivery", f.c.action != "repaired")
+            .order_by(f.c.id)
+        )
+        return [dict(r._mapping) for r in rows]
