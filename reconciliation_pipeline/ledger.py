@@ -31,12 +31,12 @@ from reconciliation_pipeline.core.diff import (
     AMBIGUOUS_CLIENT, AMBIGUOUS_CREDITOR, CLIENT_NOT_FOUND, CREDITOR_NOT_FOUND, INVALID_MONGO_AMOUNT, INVALID_PG_AMOUNT,
     OUTBOX_DELIVERY,
 )
+from reconciliation_pipeline.core.repair import REPAIRED, SUPERSEDED
 
 LEDGER_LOCK = 7_340_210_003  # pg advisory xact lock: one ledger update at a time (MONGO_WRITER_LOCK is ...001)
 CAUSES = ("outbox_pending", "outbox_dead", "sync_failed", "portal_newer", "invalid_source", "unmatched", "unknown")
 UNMATCHED_KINDS = (CLIENT_NOT_FOUND, CREDITOR_NOT_FOUND, AMBIGUOUS_CLIENT, AMBIGUOUS_CREDITOR)
 INVALID_KINDS = (INVALID_PG_AMOUNT, INVALID_MONGO_AMOUNT)
-REPAIRED = "repaired"  # core.repair.REPAIRED
 SEEN_COLUMNS = ["problem_key", "client_aktenzeichen", "creditor_email", "kind", "email_id", "pg_amount_cents",
                 "mongo_amount_cents", "flag", "portal_newer"]
 COMPARED_COLUMNS = ["client_aktenzeichen", "creditor_email", "email_id"]
@@ -146,10 +146,10 @@ CREATE TEMP TABLE drift_seen (
 ) ON COMMIT DROP;
 CREATE TEMP TABLE drift_compared (client_aktenzeichen text, creditor_email text, email_id integer) ON COMMIT DROP;
 """
-_INSERT_SEEN = sa.text(
-    "INSERT INTO drift_seen (problem_key, client_aktenzeichen, creditor_email, kind, email_id, pg_amount_cents, "
-    "mongo_amount_cents, flag, portal_newer) VALUES (:problem_key, :client_aktenzeichen, :creditor_email, :kind, "
-    ":email_id, :pg_amount_cents, :mongo_amount_cents, :flag, :portal_newer)"
+_SEEN_TYPES = ("text", "text", "text", "text", "integer", "bigint", "bigint", "text", "boolean")
+_INSERT_SEEN = sa.text(  # one statement of arrays: a mass drift of 100,000 findings is one round trip
+    f"INSERT INTO drift_seen ({', '.join(SEEN_COLUMNS)}) SELECT * FROM unnest("
+    + ", ".join(f"CAST(:{c} AS {t}[])" for c, t in zip(SEEN_COLUMNS, _SEEN_TYPES)) + ")"
 )
 # this run's failed outbox deliveries (the newest audit row of each message)
 _OUTBOX_SEEN = sa.text(f"""
@@ -219,7 +219,7 @@ _EVIDENCE = (f"CASE WHEN d.kind = '{OUTBOX_DELIVERY}' THEN NULL "
 # seen again: counted as opened when the row was resolved (reopened), as resolved when repaired now
 _REOPENED = sa.text(f"""
 SELECT count(*) FROM reconciliation_drift d JOIN drift_seen s ON s.problem_key = d.problem_key
-WHERE d.status = 'resolved' AND {_CURRENT}
+WHERE d.status = 'resolved' AND {_CURRENT} AND d.last_report_id <> :r
 """)
 _REFRESH = sa.text(f"""
 UPDATE reconciliation_drift d SET
@@ -234,7 +234,7 @@ UPDATE reconciliation_drift d SET
     resolved_report_id = CASE WHEN s.flag = 'problem' THEN NULL ELSE :r END,
     resolution = CASE WHEN s.flag = 'problem' THEN NULL ELSE 'repaired' END
 FROM drift_seen s
-WHERE d.problem_key = s.problem_key AND {_CURRENT}
+WHERE d.problem_key = s.problem_key AND {_CURRENT} AND d.last_report_id <> :r
 """)
 _OPEN_NEW = sa.text(f"""
 INSERT INTO reconciliation_drift (problem_key, client_aktenzeichen, creditor_email, kind, email_id, outbox_message_id,
@@ -258,7 +258,7 @@ UPDATE reconciliation_drift d SET status = 'resolved', resolved_at = now(), reso
     evidence_window_end = {_EVIDENCE},
     resolution = CASE WHEN d.cause IN ('outbox_pending', 'outbox_dead') AND EXISTS (
                           SELECT 1 FROM reconciliation_findings f
-                          WHERE f.outbox_message_id = d.outbox_message_id AND f.action = 'superseded')
+                          WHERE f.outbox_message_id = d.outbox_message_id AND f.action = '{SUPERSEDED}')
                       THEN 'superseded' ELSE 'fixed_at_source' END
 WHERE d.status = 'open' AND d.kind <> '{OUTBOX_DELIVERY}' AND {_CURRENT}
   AND NOT EXISTS (SELECT 1 FROM drift_seen s WHERE s.problem_key = d.problem_key)
@@ -270,8 +270,11 @@ WHERE d.status = 'open' AND d.kind <> '{OUTBOX_DELIVERY}' AND {_CURRENT}
 _OUTBOX_CLOSED = sa.text(f"""
 UPDATE reconciliation_drift d SET status = 'resolved', resolved_at = now(), resolved_report_id = :r,
     resolution = CASE WHEN EXISTS (SELECT 1 FROM reconciliation_findings f
-                                   WHERE f.outbox_message_id = d.outbox_message_id AND f.action = 'superseded')
-                      THEN 'superseded' ELSE 'repaired' END
+                                   WHERE f.outbox_message_id = d.outbox_message_id AND f.action = '{SUPERSEDED}')
+                      THEN 'superseded'
+                      WHEN EXISTS (SELECT 1 FROM reconciliation_findings f
+                                   WHERE f.outbox_message_id = d.outbox_message_id AND f.action = '{REPAIRED}')
+                      THEN 'repaired' ELSE 'fixed_at_source' END  -- closed by someone else
 FROM outbox_messages o
 WHERE d.status = 'open' AND d.kind = '{OUTBOX_DELIVERY}' AND o.id = d.outbox_message_id AND o.processed_at IS NOT NULL
   AND NOT EXISTS (SELECT 1 FROM drift_seen s WHERE s.problem_key = d.problem_key)
@@ -285,9 +288,10 @@ FROM reconciliation_drift WHERE status = 'open'
 _BY_CAUSE = sa.text("SELECT cause, count(*) FROM reconciliation_drift WHERE status = 'open' GROUP BY cause")
 
 
-def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    frame = frame.astype(object)
-    return frame.where(frame.notna(), None).to_dict("records")
+def _array(values: pd.Series) -> list[Any]:
+    """Plain Python values (None for NA, numpy scalars unwrapped) for an unnest() parameter."""
+    return [None if v is None or v is pd.NA or (isinstance(v, float) and v != v) else (v.item() if hasattr(v, "item") else v)
+            for v in values.astype(object)]
 
 
 def summary(conn: Connection, opened: int = 0, resolved: int = 0, updated: bool = True) -> DriftSummary:
@@ -307,7 +311,7 @@ def update(conn: Connection, report_id: int, evidence: DriftEvidence) -> DriftSu
             conn.execute(sa.text(statement))
     seen = seen_frame(evidence.findings)
     if len(seen):
-        conn.execute(_INSERT_SEEN, _records(seen))
+        conn.execute(_INSERT_SEEN, {c: _array(seen[c]) for c in SEEN_COLUMNS})
     conn.execute(_OUTBOX_SEEN, {"r": report_id})
     conn.execute(_CAUSES)
     params = {"r": report_id, "window_end": evidence.window_end}
@@ -317,11 +321,8 @@ def update(conn: Connection, report_id: int, evidence: DriftEvidence) -> DriftSu
     compared = evidence.compared
     if compared is not None and len(compared):
         compared = compared.drop_duplicates()
-        conn.execute(_INSERT_COMPARED, {
-            "a": [v if isinstance(v, str) else None for v in compared["client_aktenzeichen"]],
-            "c": [v if isinstance(v, str) else None for v in compared["creditor_email"]],
-            "e": [None if v is None or pd.isna(v) else int(v) for v in compared["email_id"]],
-        })
+        conn.execute(_INSERT_COMPARED, {"a": _array(compared["client_aktenzeichen"]), "c": _array(compared["creditor_email"]),
+                                        "e": _array(compared["email_id"])})
         conn.execute(sa.text("ANALYZE drift_compared"))
         conn.execute(_GONE, params)
     conn.execute(_OUTBOX_CLOSED, params)

@@ -297,3 +297,43 @@ def test_ledger_cli_lists_open_problems_all_and_json_without_names(pg, pg_url, m
     assert {"cause", "kind", "creditor_email", "age_hours", "pg_amount_cents", "mongo_amount_cents", "times_seen"} <= set(rows[0])
     for text in (out.stdout, everything.stdout, as_json.stdout):
         assert "Mustermann" not in text and "Musterfrau" not in text and "Erika" not in text
+
+
+# --- one transaction, once per report ----------------------------------------------------------------
+
+def test_the_ledger_update_is_part_of_the_transaction_that_completes_the_report(pg, mongo_db, reconcile):
+    mismatch(pg, mongo_db)
+    with pg.begin() as conn:  # the ledger update fails: the report must not be completed either
+        conn.execute(sa.text("ALTER TABLE reconciliation_drift RENAME TO reconciliation_drift_away"))
+    try:
+        result = reconcile(max_repairs=0, raise_on_error=False)
+    finally:
+        with pg.begin() as conn:
+            conn.execute(sa.text("ALTER TABLE reconciliation_drift_away RENAME TO reconciliation_drift"))
+    assert not result.success
+    [report] = reports(pg)
+    assert report["status"] == "failed" and report["completed_at"] is not None
+    assert report["records_checked"] == 0  # the counts were rolled back with the ledger update
+    assert drift(pg) == {}
+    assert reconcile(max_repairs=0).success
+    assert drift(pg)[KEY]["status"] == "open"
+
+
+def test_the_same_report_applied_twice_counts_once(pg, mongo_db, reconcile):
+    import pandas as pd
+
+    from reconciliation_pipeline import ledger
+
+    email_id = mismatch(pg, mongo_db)
+    assert reconcile(max_repairs=0).success
+    [report] = reports(pg)
+    finding = pd.DataFrame([{
+        "kind": "data_mismatch", "email_id": email_id, "client_id": "x", "aktenzeichen": "542900", "pos": 0,
+        "creditor_email": SENDER, "pg_amount_cents": 123456, "mongo_amount_cents": 100000, "action": "skipped_budget",
+        "received_at": IN_WINDOW, "observed_response_at": IN_WINDOW - timedelta(days=10),
+    }])
+    evidence = ledger.DriftEvidence(report["window_end"], False, True, finding, None)
+    with pg.begin() as conn:  # a re-executed finish_report of the same run
+        summary = ledger.update(conn, report["id"], evidence)
+    assert (summary.open, summary.opened) == (1, 0)
+    assert drift(pg)[KEY]["times_seen"] == 1
