@@ -51,7 +51,11 @@ def upgrade() -> None:
                     postgresql_where=sa.text("status = 'open'"))
     op.create_index("ix_reconciliation_drift_pair", "reconciliation_drift", ["client_aktenzeichen", "creditor_email"])
     op.create_index("ix_reconciliation_drift_email_id", "reconciliation_drift", ["email_id"])
+    # the ledger asks whether an outbox message was superseded / delivered (audit rows by message)
+    op.create_index("ix_recon_findings_outbox_message_id", "reconciliation_findings", ["outbox_message_id"],
+                    postgresql_where=sa.text("outbox_message_id IS NOT NULL"))
 
 
 def downgrade() -> None:
+    op.drop_index("ix_recon_findings_outbox_message_id", table_name="reconciliation_findings")
     op.drop_table("reconciliation_drift")
