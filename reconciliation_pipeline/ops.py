@@ -4,7 +4,7 @@
 import dagster as dg
 import pandas as pd
 
-from reconciliation_pipeline import faults, steps
+from reconciliation_pipeline import faults, ledger, steps
 from reconciliation_pipeline.io_managers import REPORT_TABLE
 from reconciliation_pipeline.liveness import close_stale_reports
 from reconciliation_pipeline.partitions import hourly_partitions
@@ -150,8 +150,10 @@ def finish_report(
     started = context.instance.get_run_stats(context.run_id).start_time
     report = build_report(run, outbox, repaired, cleaned, settings.findings_in_details, started)
     faults.checkpoint("before_report_finished")
-    with postgres.get_engine() as engine:
-        pg.finish_report(engine, run.report_id, report.row)
+    evidence = ledger.DriftEvidence(run.window_end, run.dry_run, repaired.mongo_available, repaired.findings, repaired.compared)
+    with postgres.get_engine() as engine:  # the report row and the drift ledger in one transaction
+        drift = pg.finish_report(engine, run.report_id, report.row, evidence)
+    report = build_report(run, outbox, repaired, cleaned, settings.findings_in_details, started, drift)
     context.log.info(f"report {run.report_id}: " + ", ".join(f"{k}={v}" for k, v in report.counts.items()))
     row = {"table": REPORT_TABLE, "report_id": run.report_id}
     yield dg.Output(row, output_name="result", metadata={**report.metadata, "table": dg.MetadataValue.text(REPORT_TABLE)})

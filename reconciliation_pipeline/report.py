@@ -10,6 +10,7 @@ import dagster as dg
 import pandas as pd
 
 from reconciliation_pipeline.core import repair as core_repair
+from reconciliation_pipeline.ledger import DriftSummary
 from reconciliation_pipeline.core.diff import EXTRA_IN_MONGO, KINDS, REPAIRABLE_KINDS
 from reconciliation_pipeline.steps import OutboxResult, RepairResult, RunContext
 
@@ -74,9 +75,10 @@ def _details(findings: pd.DataFrame, cap: int) -> list[dict[str, Any]]:
 
 def build_report(
     run: RunContext, outbox: OutboxResult, repaired: RepairResult, cleaned: dict[str, int], details_cap: int,
-    run_started: float | None,
+    run_started: float | None, drift: DriftSummary | None = None,
 ) -> Report:
-    """Counts, the report row, numeric metadata, the findings table and the three check results."""
+    """Counts, the report row, numeric metadata, the findings table and the three check results
+    (with the drift ledger's numbers once the run has updated it)."""
     findings = repaired.findings
     actions = findings["action"].value_counts().to_dict() if len(findings) else {}
     kinds = findings["kind"].value_counts().to_dict() if len(findings) else {}
@@ -128,6 +130,9 @@ def build_report(
         "findings": findings_table(findings),
         "dagster/row_count": dg.MetadataValue.int(int(len(findings))),  # all findings; the table shows the first TABLE_ROWS
     }
+    if drift is not None:
+        metadata.update({k: dg.MetadataValue.float(float(v)) if isinstance(v, float) else dg.MetadataValue.int(int(v))
+                         for k, v in drift.metadata_values().items()})
     if duration is not None:
         metadata["duration_seconds"] = dg.MetadataValue.float(round(duration, 3))
     if notes:
@@ -136,17 +141,24 @@ def build_report(
                "mongo_available": repaired.mongo_available, "repairs_halted": repaired.repairs_halted}
 
     repairable_left = findings[findings["kind"].isin(REPAIRABLE_KINDS) & (findings["action"] != core_repair.REPAIRED)] if len(findings) else findings
+    ledger_text = "" if drift is None else (
+        f" Drift ledger: {drift.open} open problems"
+        + (f", the oldest open for {drift.oldest_open_hours:.1f} h" if drift.open else "")
+        + ("" if drift.updated else " (not updated by this run)") + " (`python -m reconciliation_pipeline.ledger`)."
+    )
+    ledger_meta = {} if drift is None else {"drift_open": drift.open, "drift_oldest_open_hours": float(drift.oldest_open_hours)}
     if not repaired.mongo_available:
         drift_check = dg.AssetCheckResult(
             check_name=CHECK_UNREPAIRED_DRIFT, asset_key=ASSET_KEY, passed=False, severity=dg.AssetCheckSeverity.WARN,
-            description="MongoDB was unreachable: the comparison was skipped (outbox retry and cleanup ran).",
+            description="MongoDB was unreachable: the comparison was skipped (outbox retry and cleanup ran)." + ledger_text,
+            metadata=ledger_meta,
         )
     else:
         drift_check = dg.AssetCheckResult(
             check_name=CHECK_UNREPAIRED_DRIFT, asset_key=ASSET_KEY, passed=unrepaired == 0, severity=dg.AssetCheckSeverity.ERROR,
-            description=f"{unrepaired} findings left unrepaired ({len(repairable_left)} of a repairable kind).",
+            description=f"{unrepaired} findings left unrepaired ({len(repairable_left)} of a repairable kind).{ledger_text}",
             metadata={"unrepaired_findings": unrepaired, "repairable_left": int(len(repairable_left)),
-                      **{f"kind_{k}": int(v) for k, v in kinds.items()}},
+                      **{f"kind_{k}": int(v) for k, v in kinds.items()}, **ledger_meta},
         )
     checks = [
         drift_check,

@@ -105,3 +105,28 @@ reconciliation_findings = sa.Table(
     sa.Column("creditor_pos", sa.Integer),  # index in final_creditor_list of a write, for the read-back
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
 )
+
+reconciliation_drift = sa.Table(
+    "reconciliation_drift",
+    metadata,
+    sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=True),
+    sa.Column("problem_key", sa.Text, nullable=False, unique=True),  # ledger.problem_keys
+    sa.Column("client_aktenzeichen", sa.String(255)),
+    sa.Column("creditor_email", sa.String(255)),
+    sa.Column("kind", sa.String(50), nullable=False),
+    sa.Column("email_id", sa.Integer),
+    sa.Column("outbox_message_id", sa.Integer),  # the message the cause names, or the failed delivery
+    sa.Column("status", sa.String(20), nullable=False),  # open, resolved
+    sa.Column("cause", sa.String(30), nullable=False),  # ledger.CAUSES
+    sa.Column("first_seen_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("last_seen_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("first_report_id", sa.BigInteger, sa.ForeignKey("reconciliation_reports.id"), nullable=False),
+    sa.Column("last_report_id", sa.BigInteger, sa.ForeignKey("reconciliation_reports.id"), nullable=False),
+    sa.Column("times_seen", sa.Integer, nullable=False),
+    sa.Column("pg_amount_cents", sa.BigInteger),
+    sa.Column("mongo_amount_cents", sa.BigInteger),
+    sa.Column("evidence_window_end", sa.DateTime(timezone=True)),  # newest evidence: older windows change nothing
+    sa.Column("resolved_at", sa.DateTime(timezone=True)),
+    sa.Column("resolved_report_id", sa.BigInteger, sa.ForeignKey("reconciliation_reports.id")),
+    sa.Column("resolution", sa.String(30)),  # repaired, fixed_at_source, superseded
+)

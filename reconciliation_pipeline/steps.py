@@ -18,7 +18,7 @@ from pymongo.collection import Collection
 from pymongo.errors import ConnectionFailure
 from sqlalchemy.engine import Engine
 
-from reconciliation_pipeline import faults
+from reconciliation_pipeline import faults, ledger
 from reconciliation_pipeline.core import diff as core_diff
 from reconciliation_pipeline.core import repair as core_repair
 from reconciliation_pipeline.core.frames import add_email_keys, prepare_clients, prepare_emails
@@ -413,6 +413,7 @@ class DiffResult:
     records_checked: int
     mongo_available: bool
     note: str | None = None
+    compared: pd.DataFrame | None = None  # the window emails' pairs the comparison covered (ledger.compared_pairs)
 
     @classmethod
     def skipped(cls, note: str | None) -> DiffResult:
@@ -556,7 +557,7 @@ def compare_shard(collection: Collection, shard: MongoShard, ctx: RunContext, op
     except ConnectionFailure as exc:
         log.warning(f"compare: MongoDB unreachable ({type(exc).__name__}); comparison skipped")
         return DiffResult.skipped(f"MongoDB unreachable: {type(exc).__name__}")
-    result = DiffResult(_concat_findings(parts), checked, True)
+    result = DiffResult(_concat_findings(parts), checked, True, compared=ledger.compared_pairs(emails))
     counts = result.findings["kind"].value_counts().to_dict() if len(result.findings) else {}
     log.info(f"compare shard {shard.index}: {len(seen)} client documents, {checked} pairs compared, "
              f"{len(result.findings)} findings ({_counts(counts)})")
@@ -582,7 +583,9 @@ def merge_diffs(results: list[DiffResult]) -> DiffResult:
     down = [r for r in results if not r.mongo_available]
     if down:
         return DiffResult.skipped(down[0].note)
-    return DiffResult(_concat_findings([r.findings for r in results]), sum(r.records_checked for r in results), True)
+    compared = [r.compared for r in results if r.compared is not None]
+    return DiffResult(_concat_findings([r.findings for r in results]), sum(r.records_checked for r in results), True,
+                      compared=pd.concat(compared, ignore_index=True) if compared else None)
 
 
 def compare(
@@ -611,6 +614,7 @@ class RepairResult:
     repairs_halted: bool = False
     repairable: int = 0
     note: str | None = None
+    compared: pd.DataFrame | None = None  # DiffResult.compared
 
 
 def _updates_from_findings(findings: pd.DataFrame) -> dict[str, list[core_repair.ElementUpdate]]:
@@ -644,7 +648,8 @@ def repair(
     findings["error"] = findings["reason"] if len(findings) else None
     findings["mongo_amount_cents_after"] = pd.array([pd.NA] * len(findings), dtype="Int64")
     repairable = findings["repairable"].astype(bool) if len(findings) else pd.Series(dtype=bool)
-    result = RepairResult(findings, diff.records_checked, diff.mongo_available, repairable=int(repairable.sum()), note=diff.note)
+    result = RepairResult(findings, diff.records_checked, diff.mongo_available, repairable=int(repairable.sum()), note=diff.note,
+                          compared=diff.compared)
     if result.repairable and ctx.dry_run:
         findings.loc[repairable, "action"] = core_repair.SKIPPED_DRY_RUN
         log.info(f"repair: dry run, {result.repairable} repairable findings left as they are")

@@ -54,3 +54,46 @@ def test_migrations_match_schema_and_0003_goes_down_and_up(pg_url):
             assert "creditor_pos" in _columns(engine, "reconciliation_findings")
         finally:
             engine.dispose()
+
+
+def test_0005_drift_ledger_goes_down_and_up_with_rows(pg_url):
+    with scratch_database(pg_url, prefix="recon_migrations") as url:
+        url = url.replace("postgresql+psycopg2", "postgresql+psycopg")
+        create_app_tables(url)
+        upgrade(url, "0004")
+        engine = sa.create_engine(url)
+        try:
+            assert "reconciliation_drift" not in sa.inspect(engine).get_table_names()
+            with engine.begin() as conn:  # a report and a finding from before the ledger
+                report = conn.execute(sa.text(
+                    "INSERT INTO reconciliation_reports (run_id, status, window_start, window_end) "
+                    "VALUES ('r1', 'completed', now() - interval '1 hour', now()) RETURNING id")).scalar_one()
+                conn.execute(sa.text(
+                    "INSERT INTO reconciliation_findings (report_id, kind, action) VALUES (:r, 'data_mismatch', 'reported')"
+                ), {"r": report})
+            upgrade(url)
+            assert _columns(engine, "reconciliation_drift") == _declared(engine, schema.reconciliation_drift)
+            with engine.begin() as conn:  # a ledger row, then down (the ledger goes) and up again
+                conn.execute(sa.text(
+                    "INSERT INTO reconciliation_drift (problem_key, client_aktenzeichen, creditor_email, kind, status, cause, "
+                    "first_seen_at, last_seen_at, first_report_id, last_report_id, times_seen) "
+                    "VALUES ('542900|a@b.de|data_mismatch', '542900', 'a@b.de', 'data_mismatch', 'open', 'unknown', now(), now(), :r, :r, 1)"
+                ), {"r": report})
+                try:
+                    with conn.begin_nested():
+                        conn.execute(sa.text(
+                            "INSERT INTO reconciliation_drift (problem_key, kind, status, cause, first_seen_at, last_seen_at, "
+                            "first_report_id, last_report_id, times_seen) "
+                            "VALUES ('542900|a@b.de|data_mismatch', 'data_mismatch', 'open', 'unknown', now(), now(), :r, :r, 1)"
+                        ), {"r": report})
+                    raise AssertionError("a second row with the same problem_key was accepted")
+                except sa.exc.IntegrityError:
+                    pass
+            command.downgrade(alembic_config(url), "0004")
+            assert "reconciliation_drift" not in sa.inspect(engine).get_table_names()
+            with engine.connect() as conn:
+                assert conn.execute(sa.text("SELECT count(*) FROM reconciliation_findings")).scalar_one() == 1
+            upgrade(url)
+            assert "reconciliation_drift" in sa.inspect(engine).get_table_names()
+        finally:
+            engine.dispose()

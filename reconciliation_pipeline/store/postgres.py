@@ -16,6 +16,7 @@ import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from reconciliation_pipeline import ledger
 from reconciliation_pipeline.core.frames import EMAIL_COLUMNS, TYPED_COLUMNS, prepare_emails
 from reconciliation_pipeline.schema import reconciliation_findings, reconciliation_reports
 
@@ -296,14 +297,18 @@ def heartbeat(engine: Engine, report_id: int) -> None:
         )
 
 
-def finish_report(engine: Engine, report_id: int, values: Mapping[str, Any]) -> None:
-    """Record the final counts and details and mark the report completed (a re-execution from failure clears the failure)."""
+def finish_report(
+    engine: Engine, report_id: int, values: Mapping[str, Any], drift: ledger.DriftEvidence | None = None
+) -> ledger.DriftSummary | None:
+    """Record the final counts and details and mark the report completed (a re-execution from failure clears the failure); with the run's evidence, update
+    the drift ledger in the same transaction and return its summary."""
     with engine.begin() as conn:
         conn.execute(
             reconciliation_reports.update()
             .where(reconciliation_reports.c.id == report_id)
             .values(**values, status="completed", error_message=None, completed_at=sa.func.now(), heartbeat_at=sa.func.now())
         )
+        return ledger.update(conn, report_id, drift) if drift is not None else None
 
 
 def fail_report(engine: Engine, run_id: str, error: str) -> int:
