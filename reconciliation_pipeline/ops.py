@@ -63,6 +63,7 @@ def retry_outbox(
         return steps.retry_outbox(
             engine, mongo.get_clients_collection, mongo.is_available(), run,
             settings.outbox_batch_size, settings.mongo_batch_size, context.log, settings.repair_lock_wait_seconds,
+            low_confidence=settings.repair_low_confidence,
         )
 
 

@@ -91,6 +91,10 @@ class OutboxResult:
     note: str | None = None
 
 
+LOW_CONFIDENCE_REFUSED = (
+    "creditor matched only by a shared word in the names (low confidence): not written "
+    "(repair_low_confidence allows it)"
+)
 HELD_BACK = "held back: an older message of the same aggregate failed in this run"
 
 
@@ -119,6 +123,7 @@ def _statements(
 def _deliver_batch(
     collection: Collection, conn: Any, messages: list[Mapping[str, Any]], requests: Mapping[int, DeliveryRequest],
     known: pd.DataFrame, batch_size: int, record_intent: Callable[[dict[int, tuple[str, int]]], dict[int, int]],
+    low_confidence: bool = False,
 ) -> tuple[dict[int, core_repair.Outcome], dict[int, str], dict[int, int], dict[int, str]]:
     """Match each message to its client's creditor; close the ones a newer statement supersedes and
     write the others with the shared CAS writer. Returns (outcomes, failures, intent ids, superseded notes)."""
@@ -160,6 +165,9 @@ def _deliver_batch(
             failures[mid] = f"client {row['client_status']}: {row['client_reason']}"
         elif row["creditor_status"] != "matched":
             failures[mid] = f"creditor {row['creditor_status']}: {row['creditor_reason']}"
+        elif int(row["match_level"]) >= core_diff.LOW_CONFIDENCE_LEVEL and not low_confidence:
+            # as in the repair: a shared word alone (e.g. "GmbH") is not enough to write someone's debt
+            failures[mid] = LOW_CONFIDENCE_REFUSED
         if mid in failures:
             failed_aggregates.add(aggregate)
             continue
@@ -179,7 +187,7 @@ def _deliver_batch(
 
 def retry_outbox(
     engine: Engine, collection_factory: Callable[[], Any], mongo_available: bool, ctx: RunContext,
-    batch_size: int, mongo_batch_size: int, log: Logger, lock_wait_seconds: int = 300,
+    batch_size: int, mongo_batch_size: int, log: Logger, lock_wait_seconds: int = 300, low_confidence: bool = False,
 ) -> OutboxResult:
     """Deliver pending outbox messages oldest first, in locked batches; see RULES.md section 1."""
     result = OutboxResult()
@@ -212,7 +220,7 @@ def retry_outbox(
                 result.settled = settle_unverified_writes(engine, collection, mongo_batch_size, log)
         except ConnectionFailure as exc:
             log.warning(f"outbox: unverified writes of ended runs not read back: MongoDB unreachable ({type(exc).__name__})")
-        _deliver_pending(engine, collection_factory, ctx, batch_size, mongo_batch_size, log, result)
+        _deliver_pending(engine, collection_factory, ctx, batch_size, mongo_batch_size, log, result, low_confidence)
     return result
 
 
@@ -248,7 +256,7 @@ def settle_unverified_writes(engine: Engine, collection: Collection, batch_size:
 
 def _deliver_pending(
     engine: Engine, collection_factory: Callable[[], Any], ctx: RunContext, batch_size: int, mongo_batch_size: int,
-    log: Logger, result: OutboxResult,
+    log: Logger, result: OutboxResult, low_confidence: bool = False,
 ) -> None:
     after = pg.START_OF_OUTBOX
     claimed = 0
@@ -289,7 +297,7 @@ def _deliver_pending(
                     return dict(zip(targets, pg.insert_findings(engine, rows, returning_ids=True)))
 
                 outcomes, failures, intent, superseded = (
-                    _deliver_batch(collection, conn, deliverable, requests, known, mongo_batch_size, record_intent)
+                    _deliver_batch(collection, conn, deliverable, requests, known, mongo_batch_size, record_intent, low_confidence)
                     if deliverable else ({}, {}, {}, {})
                 )
                 if outcomes:

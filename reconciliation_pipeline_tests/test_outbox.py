@@ -200,3 +200,23 @@ def test_an_empty_outbox_does_not_wait_for_another_runs_writer_lock(pg, mongo_db
         finally:
             holder.execute(sa.select(sa.func.pg_advisory_unlock(MONGO_WRITER_LOCK)))
             holder.commit()
+
+
+def test_a_creditor_matched_only_by_a_shared_word_is_not_written(pg, mongo_db, reconcile):
+    """A message for a creditor the client's list does not hold ("Vodafone GmbH") must not land on the
+    one that shares only "GmbH" with it (Telekom): level 4, refused as the repair refuses it."""
+    add_client(mongo_db, "542909", [creditor("inkasso@telekom.de", 80.0, name="Telekom Deutschland GmbH")])
+    mid = add_outbox(pg, payload(client_aktenzeichen="542909", creditor_email="forderungen@vodafone.de",
+                                 creditor_name="Vodafone GmbH", new_debt_amount=999.0))
+    assert reconcile().success
+    assert element(mongo_db, az="542909")["creditor_response_amount"] == 80.0, "written onto another creditor"
+    msg = outbox_row(pg, mid)
+    assert msg["processed_at"] is None and msg["retry_count"] == 1 and "low confidence" in msg["error_message"], msg
+    [audit] = [f for f in findings(pg) if f["kind"] == "outbox_delivery"]
+    assert audit["action"] == "repair_failed" and "low confidence" in audit["error"], audit
+    assert reports(pg)[0]["outbox_failed"] == 1
+
+    # allowed on purpose (repair_low_confidence), the same message is written
+    assert reconcile(repair_low_confidence=True).success
+    assert element(mongo_db, az="542909")["creditor_response_amount"] == 999.0
+    assert outbox_row(pg, mid)["processed_at"] is not None
