@@ -20,9 +20,8 @@ defs = dg.Definitions(
     schedules=[reconciliation_hourly_schedule],
     sensors=[close_stale_reports_sensor, reconciliation_alert_sensor],
     # Runs the UI and `dg launch` start from the asset (Materialize, Partitions-tab backfills) run in one
-    # process like reconciliation_job: with the default multiprocess executor the pid open_report records
-    # is its step's subprocess, gone when the step ends, and a concurrent run's liveness check then
-    # closed the report and failed the live run ("the run's process ... is gone").
+    # process like reconciliation_job: a process per op costs seconds, and a crash kills the whole run.
+    # (liveness.why_dead trusts a recorded pid only when it is the run's own process.)
     executor=dg.in_process_executor,
     resources={
         "postgres": PostgresResource(url=dg.EnvVar("RECON_POSTGRES_URL")),
