@@ -42,15 +42,23 @@ REQUIRED_PRIVILEGES = {
     "idempotency_keys": ("SELECT", "UPDATE", "DELETE"),
     "reconciliation_reports": ("SELECT", "INSERT", "UPDATE"),
     "reconciliation_findings": ("SELECT", "INSERT", "UPDATE"),
+    "reconciliation_drift": ("SELECT", "INSERT", "UPDATE"),
     "reconciliation_alembic_version": ("SELECT",),
 }
-SEQUENCES_OF = ("reconciliation_reports", "reconciliation_findings")  # bigserial ids the INSERTs draw
-# Indexes of the pipeline's own tables (migrations 0001 and 0003); those on the application's tables
-# come from migration 0002 itself (`INDEXES`).
-PIPELINE_TABLE_INDEXES = (
-    "ix_reconciliation_reports_partition_key", "ix_reconciliation_reports_running",
-    "ix_reconciliation_findings_report_id", "ix_reconciliation_findings_email_id", "ix_recon_findings_unverified",
-)
+SEQUENCES_OF = ("reconciliation_reports", "reconciliation_findings", "reconciliation_drift")  # bigserial ids the INSERTs draw
+# Indexes of the pipeline's own tables (migrations 0001, 0003 and 0005); those on the application's
+# tables come from migration 0002 itself (`INDEXES`).
+PIPELINE_TABLE_INDEXES = {
+    "ix_reconciliation_reports_partition_key": "reconciliation_reports",
+    "ix_reconciliation_reports_running": "reconciliation_reports",
+    "ix_reconciliation_findings_report_id": "reconciliation_findings",
+    "ix_reconciliation_findings_email_id": "reconciliation_findings",
+    "ix_recon_findings_unverified": "reconciliation_findings",
+    "ix_recon_findings_outbox_message_id": "reconciliation_findings",
+    "ix_reconciliation_drift_open": "reconciliation_drift",
+    "ix_reconciliation_drift_pair": "reconciliation_drift",
+    "ix_reconciliation_drift_email_id": "reconciliation_drift",
+}
 MONGO_INDEXES = {"aktenzeichen": [("aktenzeichen", 1)], "lastName": [("lastName", 1)]}
 
 
@@ -99,7 +107,7 @@ def expected_pg_indexes() -> dict[str, str]:
     script = ScriptDirectory.from_config(alembic_config("postgresql://unused"))
     app = script.get_revision("0002").module.INDEXES
     out = {name: definition.split()[0] for name, definition in app.items()}
-    out.update({name: "reconciliation_" + ("reports" if "reports" in name else "findings") for name in PIPELINE_TABLE_INDEXES})
+    out.update(PIPELINE_TABLE_INDEXES)
     return out
 
 
