@@ -45,6 +45,7 @@ from reconciliation_pipeline.assets import reconciliation_report
 from reconciliation_pipeline.core.amounts import try_cents
 from reconciliation_pipeline.core.outbox import parse_payload
 from reconciliation_pipeline.faults import POINTS
+from reconciliation_pipeline.io_managers import RunFilesIOManager
 from reconciliation_pipeline.ops import LOOKBACK_TAG
 from reconciliation_pipeline.resources import MongoResource, PostgresResource, ReconciliationSettings
 from reconciliation_pipeline.schema import idempotency_keys, incoming_emails, outbox_messages
@@ -166,6 +167,7 @@ class Stores:
             "mongo": MongoResource(uri=mongo_uri, database=self.db_name, server_selection_timeout_ms=1500,
                                    socket_timeout_ms=10_000),
             "settings": ReconciliationSettings(repair_lock_wait_seconds=5, dry_run=plan.dry_run, max_repairs=plan.max_repairs),
+            "io_manager": RunFilesIOManager(),  # the one definitions.py declares: no pickles
         }
         return dg.materialize(
             [reconciliation_report], partition_key=partition_key_ending(plan.partition_end), resources=resources,
