@@ -34,7 +34,7 @@ from email.utils import formatdate, make_msgid
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: problems keyed by the drift ledger's problem_key
 MAX_PENDING = 200  # undelivered messages kept in the cursor; older ones are dropped (and logged)
 MAX_OPEN = 20_000  # open problems remembered (digests); beyond, the oldest are forgotten
 SAMPLE_AKTENZEICHEN = 10
@@ -129,10 +129,11 @@ class Problem:
     aktenzeichen: str | None
     creditor_email: str | None
     email_id: int | None = None
+    key: str | None = None  # the drift ledger's problem_key: one problem, whichever email shows it
 
     @property
     def digest(self) -> str:
-        key = json.dumps([self.kind, self.aktenzeichen, self.creditor_email, self.email_id])
+        key = self.key if self.key is not None else json.dumps([self.kind, self.aktenzeichen, self.creditor_email, self.email_id])
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -148,6 +149,7 @@ class Materialization:
     failed_error_checks: Mapping[str, str]  # check name -> description (red, severity ERROR)
     passed_checks: Sequence[str]
     problems: Sequence[Problem]  # the unrepaired findings of its report
+    compared: bool = True  # false: dry run or MongoDB unreachable, its findings say nothing about what is open
 
 
 @dataclass(frozen=True)
@@ -227,8 +229,9 @@ class AlertState:
 def open_problems(state: AlertState) -> set[str]:
     """The problems open before the materialization being evaluated (digests).
 
-    Today: the unrepaired findings of the previous materialization (kept in the cursor). The one
-    place to read a drift ledger instead, once there is one.
+    The unrepaired findings of the last materialization that compared (kept in the cursor), keyed
+    by the drift ledger's problem_key (aktenzeichen, creditor address, kind), so a problem that a
+    newer email of the same creditor shows again is not news.
     """
     return set(state.open)
 
@@ -339,6 +342,10 @@ def evaluate(state: AlertState, config: AlertConfig, materializations: Sequence[
             messages.append(checks_failed_message(m, turned_red, config))
         new_state.checks = {**new_state.checks, **_check_states(m)}
 
+        new_state.materialization_after = m.storage_id
+        last_run_id = m.run_id
+        if not m.compared:  # absence of evidence is not a fix (as in the drift ledger)
+            continue
         before = open_problems(new_state)
         current = {p.digest: p for p in m.problems}
         new = [p for d, p in current.items() if d not in before]
@@ -346,8 +353,6 @@ def evaluate(state: AlertState, config: AlertConfig, materializations: Sequence[
             messages.append(new_drift_message(m, new, config))
         new_state.open = {d: new_state.open.get(d, [m.timestamp, 0]) for d in current}
         problems_by_digest = current
-        last_run_id = m.run_id
-        new_state.materialization_after = m.storage_id
 
     limit = now - config.stale_hours * 3600
     stale = [(d, v) for d, v in new_state.open.items() if not v[1] and v[0] <= limit]

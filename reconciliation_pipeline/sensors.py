@@ -6,8 +6,9 @@ import time
 from typing import Any
 
 import dagster as dg
+import pandas as pd
 
-from reconciliation_pipeline import alerts
+from reconciliation_pipeline import alerts, ledger
 from reconciliation_pipeline.liveness import close_stale_reports
 from reconciliation_pipeline.report import ASSET_KEY
 from reconciliation_pipeline.resources import PostgresResource
@@ -54,11 +55,19 @@ def _materialization(instance: dg.DagsterInstance, record: Any, engine: Any) -> 
             failed[evaluation.check_name] = evaluation.description or ""
     problems: list[alerts.Problem] = []
     if "report_id" in meta:
-        problems = [alerts.Problem(f["kind"], f["client_aktenzeichen"], f["creditor_email"], f["email_id"])
-                    for f in pg.unrepaired_findings(engine, int(meta["report_id"].value))]
+        rows = pg.unrepaired_findings(engine, int(meta["report_id"].value))
+        # keyed as the drift ledger keys them: the same open problem, whichever email shows it next hour
+        keys = ledger.problem_keys(pd.DataFrame(
+            {"kind": [f["kind"] for f in rows], "aktenzeichen": [f["client_aktenzeichen"] for f in rows],
+             "creditor_email": [f["creditor_email"] for f in rows], "email_id": [f["email_id"] for f in rows],
+             "client_id": [f["client_id"] for f in rows], "pos": [f["creditor_pos"] for f in rows]}, dtype=object))
+        problems = [alerts.Problem(f["kind"], f["client_aktenzeichen"], f["creditor_email"], f["email_id"], key)
+                    for f, key in zip(rows, keys)]
+    compared = bool(meta["mongo_available"].value) if "mongo_available" in meta else True
+    compared = compared and not (bool(meta["dry_run"].value) if "dry_run" in meta else False)
     return alerts.Materialization(
         storage_id=record.storage_id, run_id=record.run_id, partition=mat.partition, timestamp=event.timestamp,
-        counts=counts, failed_error_checks=failed, passed_checks=passed, problems=problems)
+        counts=counts, failed_error_checks=failed, passed_checks=passed, problems=problems, compared=compared)
 
 
 def _new_materializations(instance: dg.DagsterInstance, state: alerts.AlertState, engine: Any) -> list[alerts.Materialization]:

@@ -349,3 +349,32 @@ def test_config_repr_and_redaction_hide_credentials() -> None:
         alerts.config_from_env({alerts.ENV_SMTP_URL: "smtp://mail.example.org"})
     with pytest.raises(alerts.AlertConfigError, match="STALE_HOURS"):
         alerts.config_from_env({alerts.ENV_WEBHOOK_URL: "https://x.example", alerts.ENV_STALE_HOURS: "a day"})
+
+
+def test_open_problems_are_the_ledger_s_problems_and_a_run_that_compared_nothing_closes_none(
+        alert_env, sensor, materialize, pg, pg_url, mongo_db, receiver, instance):
+    """A problem is keyed as the drift ledger keys it (aktenzeichen, creditor, kind): a newer email of the
+    same creditor showing it again is not news. A run with MongoDB unreachable says nothing about what
+    is open: the problem is not forgotten (and then re-sent as new) after it."""
+    seed_unknown_client(pg, "777777")
+    assert materialize().success
+    sensor.tick()  # baseline: 777777 open
+    add_email(pg, from_email="inkasso-777777@example.de", extracted=reply(az="777777", amount=12.0, name="Nobody, No"))
+    assert materialize().success
+    sensor.tick()
+    assert receiver.bodies == [], receiver.bodies  # the same problem, shown by another email
+    resources_down = {"postgres": PostgresResource(url=pg_url),
+                      "mongo": MongoResource(uri="mongodb://127.0.0.1:1/?directConnection=true", database=mongo_db.name,
+                                             server_selection_timeout_ms=500),
+                      "settings": ReconciliationSettings(repair_lock_wait_seconds=5)}
+    assert dg.materialize([reconciliation_report], partition_key=PARTITION, resources=resources_down,
+                          instance=instance).success
+    sensor.tick()
+    assert materialize().success
+    sensor.tick()
+    assert receiver.bodies == [], receiver.bodies
+    seed_unknown_client(pg, "666666")  # and a new problem is still news
+    assert materialize().success
+    sensor.tick()
+    [body] = receiver.wait_for(1)
+    assert body["event"] == "new_drift" and body["aktenzeichen"] == ["666666"], body

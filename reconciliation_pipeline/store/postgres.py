@@ -408,7 +408,7 @@ def unrepaired_findings(engine: Engine, report_id: int) -> list[Mapping[str, Any
     f = reconciliation_findings
     with engine.connect() as conn:
         rows = conn.execute(
-            sa.select(f.c.kind, f.c.client_aktenzeichen, f.c.creditor_email, f.c.email_id)
+            sa.select(f.c.kind, f.c.client_aktenzeichen, f.c.creditor_email, f.c.email_id, f.c.client_id, f.c.creditor_pos)
             .where(f.c.report_id == report_id, f.c.kind != "outbox_delivery", f.c.action != "repaired")
             .order_by(f.c.id)
         )
