@@ -104,14 +104,14 @@ def seed(engine: sa.Engine, mongo_db: Any, window_end: datetime, dead_outbox: bo
             ))
         # An email whose MongoDB write failed: the outbox holds it (delivered on the run)
         pending_id = conn.execute(incoming_emails.insert().values(
-            zendesk_ticket_id="ZD-20001", from_email="forderung@vodafone.de", from_name="Vodafone GmbH",
-            extracted_data={"client_aktenzeichen": "542909", "client_name": "Koch, Emma", "creditor_name": "Vodafone GmbH", "debt_amount": 321.0},
+            zendesk_ticket_id="ZD-20001", from_email="mahnwesen@telekom.de", from_name="Telekom Deutschland GmbH",
+            extracted_data={"client_aktenzeichen": "542909", "client_name": "Koch, Emma", "creditor_name": "Telekom Deutschland GmbH", "debt_amount": 321.0},
             received_at=t, created_at=t, sync_status="failed", sync_error="timeout",
         ).returning(incoming_emails.c.id)).scalar_one()
         outbox = [
             dict(aggregate_type="incoming_email", aggregate_id=str(pending_id), payload={
-                "client_aktenzeichen": "542909", "client_name": "Koch, Emma", "creditor_email": "forderung@vodafone.de",
-                "creditor_name": "Vodafone GmbH", "new_debt_amount": 321.0, "response_text": "Restforderung", "reference_numbers": ["V-1"]}),
+                "client_aktenzeichen": "542909", "client_name": "Koch, Emma", "creditor_email": "mahnwesen@telekom.de",
+                "creditor_name": "Telekom Deutschland GmbH", "new_debt_amount": 321.0, "response_text": "Restforderung", "reference_numbers": ["V-1"]}),
             dict(aggregate_type="creditor_debt_update", aggregate_id="542908", payload={
                 "client_aktenzeichen": "542908", "creditor_email": "mahnwesen@telekom.de"}),                       # poison: no amount
             dict(aggregate_type="creditor_debt_update", aggregate_id="777777", retry_count=4, payload={
