@@ -149,7 +149,7 @@ def print_report(engine: sa.Engine, partition_key: str) -> None:
             print(f"  {k:22} {report[k]}")
         rows = conn.execute(sa.text(
             "SELECT kind, email_id, outbox_message_id, client_aktenzeichen, creditor_email, pg_amount_cents, "
-            "mongo_amount_cents_before, mongo_amount_cents_after, action FROM reconciliation_findings "
+            "mongo_amount_cents_before, mongo_amount_cents_after, action FROM reconciliation_findings_current "
             "WHERE report_id = :r ORDER BY id"), {"r": report["id"]}).all()
         print(f"\n  {'kind':22} {'email':>5} {'outbox':>6} {'aktenzeichen':12} {'creditor':34} {'pg':>9} {'before':>9} {'after':>9} action")
         for r in rows:

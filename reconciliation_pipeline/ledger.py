@@ -158,7 +158,7 @@ INSERT INTO drift_seen (problem_key, client_aktenzeichen, creditor_email, kind, 
 SELECT 'outbox:' || f.outbox_message_id || '|{OUTBOX_DELIVERY}', nullif(btrim(f.client_aktenzeichen), ''),
        nullif(lower(btrim(f.creditor_email)), ''), '{OUTBOX_DELIVERY}', f.email_id, f.outbox_message_id,
        f.pg_amount_cents, f.mongo_amount_cents_before, 'problem'
-FROM (SELECT DISTINCT ON (outbox_message_id) * FROM reconciliation_findings
+FROM (SELECT DISTINCT ON (outbox_message_id) * FROM reconciliation_findings_current
       WHERE report_id = :r AND kind = '{OUTBOX_DELIVERY}' AND outbox_message_id IS NOT NULL
       ORDER BY outbox_message_id, id DESC) f
 WHERE f.action = 'repair_failed'
@@ -265,7 +265,7 @@ WITH hit AS (  -- two hash joins, not an OR of correlated EXISTS (that was a nes
 UPDATE reconciliation_drift d SET status = 'resolved', resolved_at = now(), resolved_report_id = :r,
     evidence_window_end = {_EVIDENCE},
     resolution = CASE WHEN d.cause IN ('outbox_pending', 'outbox_dead') AND EXISTS (
-                          SELECT 1 FROM reconciliation_findings f
+                          SELECT 1 FROM reconciliation_findings_current f
                           WHERE f.outbox_message_id = d.outbox_message_id AND f.action = '{SUPERSEDED}')
                       THEN 'superseded' ELSE 'fixed_at_source' END
 FROM hit
@@ -275,10 +275,10 @@ WHERE d.id = hit.id AND d.status = 'open' AND d.kind <> '{OUTBOX_DELIVERY}' AND 
 # open failed deliveries whose message has since been closed: delivered, or superseded unwritten
 _OUTBOX_CLOSED = sa.text(f"""
 UPDATE reconciliation_drift d SET status = 'resolved', resolved_at = now(), resolved_report_id = :r,
-    resolution = CASE WHEN EXISTS (SELECT 1 FROM reconciliation_findings f
+    resolution = CASE WHEN EXISTS (SELECT 1 FROM reconciliation_findings_current f
                                    WHERE f.outbox_message_id = d.outbox_message_id AND f.action = '{SUPERSEDED}')
                       THEN 'superseded'
-                      WHEN EXISTS (SELECT 1 FROM reconciliation_findings f
+                      WHEN EXISTS (SELECT 1 FROM reconciliation_findings_current f
                                    WHERE f.outbox_message_id = d.outbox_message_id AND f.action = '{REPAIRED}')
                       THEN 'repaired' ELSE 'fixed_at_source' END  -- closed by someone else
 FROM outbox_messages o

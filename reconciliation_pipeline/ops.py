@@ -4,11 +4,11 @@
 import dagster as dg
 import pandas as pd
 
-from reconciliation_pipeline import faults, ledger, steps
+from reconciliation_pipeline import audit, faults, ledger, steps
 from reconciliation_pipeline.io_managers import REPORT_TABLE
 from reconciliation_pipeline.liveness import close_stale_reports
 from reconciliation_pipeline.partitions import hourly_partitions
-from reconciliation_pipeline.report import build_report
+from reconciliation_pipeline.report import audit_check, build_report
 from reconciliation_pipeline.resources import MongoResource, PostgresResource, ReconciliationSettings
 from reconciliation_pipeline.store import postgres as pg
 
@@ -140,7 +140,7 @@ def cleanup(
 @dg.op(
     out={
         "result": dg.Out(dict, description="The run's reconciliation_reports row: {table, report_id}"),
-        **{name: dg.Out(is_required=False) for name in ("reconciliation_report_no_unrepaired_drift", "reconciliation_report_repair_budget_not_exceeded", "reconciliation_report_no_dead_outbox_messages")},
+        **{name: dg.Out(is_required=False) for name in ("reconciliation_report_no_unrepaired_drift", "reconciliation_report_repair_budget_not_exceeded", "reconciliation_report_no_dead_outbox_messages", "reconciliation_report_audit_chain_intact")},
     },
 )
 def finish_report(
@@ -154,11 +154,13 @@ def finish_report(
     evidence = ledger.DriftEvidence(run.window_end, run.dry_run, repaired.mongo_available, repaired.findings, repaired.compared)
     with postgres.get_engine() as engine:  # the report row and the drift ledger in one transaction
         drift = pg.finish_report(engine, run.report_id, report.row, evidence)
+        chain = audit.verify_since_last(engine)  # the rows added since the last verified point, this report's seal included
     report = build_report(run, outbox, repaired, cleaned, settings.findings_in_details, started, drift)
     context.log.info(f"report {run.report_id}: " + ", ".join(f"{k}={v}" for k, v in report.counts.items()))
     row = {"table": REPORT_TABLE, "report_id": run.report_id}
     yield dg.Output(row, output_name="result", metadata={**report.metadata, "table": dg.MetadataValue.text(REPORT_TABLE)})
     yield from report.check_results
+    yield audit_check(chain)
     # The last step and every output handled: the run has succeeded, its stored outputs (email
     # frames with client names) go. A failure before this line keeps them for re-execution.
     drop_run = getattr(io_manager, "drop_run", None)

@@ -18,10 +18,12 @@ ASSET_KEY = dg.AssetKey("reconciliation_report")
 CHECK_UNREPAIRED_DRIFT = "no_unrepaired_drift"
 CHECK_REPAIR_BUDGET = "repair_budget_not_exceeded"
 CHECK_DEAD_OUTBOX = "no_dead_outbox_messages"
+CHECK_AUDIT_CHAIN = "audit_chain_intact"
 CHECK_SPECS = [
     dg.AssetCheckSpec(CHECK_UNREPAIRED_DRIFT, asset=ASSET_KEY, description="Every finding of the window was repaired (red: drift is left in MongoDB; see the findings table and the audit table)."),
     dg.AssetCheckSpec(CHECK_REPAIR_BUDGET, asset=ASSET_KEY, description="Repairable findings stayed within max_repairs (red: mass drift, nothing was repaired; investigate before raising the budget)."),
     dg.AssetCheckSpec(CHECK_DEAD_OUTBOX, asset=ASSET_KEY, description="No outbox message exhausted its retries (red: failed MongoDB writes need a person; see outbox_messages.error_message)."),
+    dg.AssetCheckSpec(CHECK_AUDIT_CHAIN, asset=ASSET_KEY, description="The audit rows added since the last verified point form an intact hash chain (red: an audit row was altered, removed or inserted; run `python -m reconciliation_pipeline.audit verify`)."),
 ]
 TABLE_ROWS = 50
 FINDINGS_SCHEMA = dg.TableSchema(columns=[
@@ -175,3 +177,13 @@ def build_report(
         ),
     ]
     return Report(row, counts, summary, metadata, checks)
+
+
+def audit_check(verdict: Any) -> dg.AssetCheckResult:
+    """The audit_chain_intact result from an audit.Verdict (ids and counts only)."""
+    return dg.AssetCheckResult(
+        check_name=CHECK_AUDIT_CHAIN, asset_key=ASSET_KEY, passed=bool(verdict.ok), severity=dg.AssetCheckSeverity.ERROR,
+        description=verdict.text() + ("" if verdict.ok else " (`python -m reconciliation_pipeline.audit verify`)"),
+        metadata={"audit_rows_checked": int(verdict.checked), "audit_last_id": int(verdict.last_id or 0),
+                  **({} if verdict.ok else {"audit_broken_id": int(verdict.bad_id or 0)})},
+    )

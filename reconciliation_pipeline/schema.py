@@ -104,6 +104,22 @@ reconciliation_findings = sa.Table(
     sa.Column("match_level", sa.SmallInteger),
     sa.Column("creditor_pos", sa.Integer),  # index in final_creditor_list of a write, for the read-back
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    # migration 0006, the audit chain (audit.py): append-only, a trigger rejects UPDATE and DELETE
+    sa.Column("intent_id", sa.BigInteger, sa.ForeignKey("reconciliation_findings.id")),  # an outcome row's intent row
+    sa.Column("sealed_counts", sa.Text),  # a report_seal row: the finished report's counts (canonical JSON)
+    sa.Column("prev_hash", sa.String(64), nullable=False),
+    sa.Column("row_hash", sa.String(64), nullable=False),
+)
+
+reconciliation_audit_checkpoints = sa.Table(
+    "reconciliation_audit_checkpoints",
+    metadata,
+    sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=True),
+    sa.Column("kind", sa.String(20), nullable=False),  # verified (the asset check), archived (audit.py, 0006)
+    sa.Column("verified_through_id", sa.BigInteger, nullable=False),
+    sa.Column("row_hash", sa.String(64), nullable=False),
+    sa.Column("rows_checked", sa.Integer, nullable=False),
+    sa.Column("verified_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
 )
 
 reconciliation_drift = sa.Table(

@@ -227,7 +227,7 @@ def retry_outbox(
 def settle_unverified_writes(engine: Engine, collection: Collection, batch_size: int, log: Logger, limit: int = 100_000) -> int:
     """Read back the writes that killed runs sent but never verified and record their outcome.
 
-    Only the audit rows change. An outbox message of such a write is still pending and is delivered
+    Only the audit trail changes (an outcome row per write). An outbox message of such a write is still pending and is delivered
     again in its order (writing the same values again if it was applied): marking it delivered here
     could let an older pending message of the same creditor overwrite it afterwards.
     Returns how many audit rows were settled.
@@ -245,7 +245,7 @@ def settle_unverified_writes(engine: Engine, collection: Collection, batch_size:
         outcome = core_repair.settle_unverified(creditors, row["creditor_pos"], row["pg_amount_cents"], address)
         outcomes.append({"finding_id": row["id"], "action": outcome.action, "error": outcome.error,
                          "after": outcome.after_cents, "before": None})
-    pg.update_finding_outcomes(engine, outcomes)
+    pg.append_finding_outcomes(engine, outcomes)
     applied = sum(o["action"] == core_repair.REPAIRED for o in outcomes)
     log.warning(
         f"outbox: read back {len(rows)} writes that ended runs left unverified: {applied} applied, "
@@ -347,7 +347,7 @@ def _deliver_pending(
                 if superseded:
                     pg.mark_superseded(conn, superseded, superseded_emails)
             pg.insert_findings(engine, [a for a in audit if a["outbox_message_id"] not in intent])
-            pg.update_finding_outcomes(engine, [
+            pg.append_finding_outcomes(engine, [
                 {"finding_id": intent[a["outbox_message_id"]], "action": a["action"], "error": a["error"],
                  "after": a["mongo_amount_cents_after"], "before": a["mongo_amount_cents_before"]}
                 for a in audit if a["outbox_message_id"] in intent
@@ -705,7 +705,7 @@ def _write_repairs(
             findings.loc[key, "action"] = outcome.action
             findings.loc[key, "error"] = outcome.error
             findings.loc[key, "mongo_amount_cents_after"] = outcome.after_cents
-        pg.update_finding_outcomes(engine, [
+        pg.append_finding_outcomes(engine, [
             {"finding_id": audit_ids[key], "action": o.action, "error": o.error, "after": o.after_cents, "before": o.before_cents}
             for key, o in outcomes.items()
         ])

@@ -81,7 +81,7 @@ def reports(engine: sa.Engine) -> list[dict]:
 
 def findings(engine: sa.Engine) -> list[dict]:
     with engine.connect() as conn:
-        return [dict(r) for r in conn.execute(sa.text("SELECT * FROM reconciliation_findings ORDER BY id")).mappings()]
+        return [dict(r) for r in conn.execute(sa.text("SELECT * FROM reconciliation_findings_current ORDER BY id")).mappings()]
 
 
 def dumps(value: Any) -> str:

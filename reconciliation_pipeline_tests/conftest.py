@@ -71,7 +71,7 @@ def pg(pg_engine: sa.Engine) -> sa.Engine:
     """The session database, emptied before the test."""
     with pg_engine.begin() as conn:
         conn.execute(sa.text(
-            "TRUNCATE incoming_emails, outbox_messages, idempotency_keys, reconciliation_findings, "
+            "TRUNCATE incoming_emails, outbox_messages, idempotency_keys, reconciliation_findings, reconciliation_audit_checkpoints, "
             "reconciliation_reports RESTART IDENTITY CASCADE"
         ))
     return pg_engine

@@ -259,7 +259,7 @@ def report_rows(engine: sa.Engine, partitions: Sequence[str] | None = None) -> l
 
 
 def finding_rows(engine: sa.Engine, report_id: int | None = None) -> list[dict]:
-    sql = "SELECT * FROM reconciliation_findings"
+    sql = "SELECT * FROM reconciliation_findings_current"
     params: dict[str, Any] = {}
     if report_id is not None:
         sql += " WHERE report_id = :r"

@@ -639,14 +639,14 @@ def report_rows(engine: sa.Engine) -> list[dict]:
 
 
 def audit_rows(engine: sa.Engine) -> list[dict]:
-    return rows(engine, "SELECT * FROM reconciliation_findings ORDER BY id")
+    return rows(engine, "SELECT * FROM reconciliation_findings_current ORDER BY id")
 
 
 def reset_data(engine: sa.Engine, db: Any) -> None:
     """Empty the application's and the pipeline's tables and the clients collection (between examples)."""
     with engine.begin() as conn:
         conn.execute(sa.text(
-            "TRUNCATE incoming_emails, outbox_messages, idempotency_keys, reconciliation_findings, "
+            "TRUNCATE incoming_emails, outbox_messages, idempotency_keys, reconciliation_findings, reconciliation_audit_checkpoints, "
             "reconciliation_reports RESTART IDENTITY CASCADE"
         ))
     db.clients.delete_many({})

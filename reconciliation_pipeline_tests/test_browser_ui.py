@@ -171,7 +171,7 @@ def finding_cells(engine: sa.Engine, report_id: int) -> list[dict[str, str]]:
     with engine.connect() as conn:
         rows = conn.execute(sa.text(
             "SELECT client_aktenzeichen, creditor_email, kind, pg_amount_cents, mongo_amount_cents_before, action "
-            "FROM reconciliation_findings WHERE report_id = :r AND kind <> 'outbox_delivery' ORDER BY id"),
+            "FROM reconciliation_findings_current WHERE report_id = :r AND kind <> 'outbox_delivery' ORDER BY id"),
             {"r": report_id}).all()
     return [{"aktenzeichen": az or "", "creditor": creditor or "", "kind": kind, "postgres_eur": euros(pg_cents),
              "mongo_eur": euros(mongo_cents), "action": action}

@@ -109,7 +109,7 @@ def test_pipeline_steps_find_exactly_the_planted_drift(pg, mongo_db, generated):
 
 def findings_of(engine):
     with engine.connect() as conn:
-        return conn.execute(sa.text("SELECT id FROM reconciliation_findings WHERE kind <> 'outbox_delivery'")).all()
+        return conn.execute(sa.text("SELECT id FROM reconciliation_findings_current WHERE kind <> 'outbox_delivery'")).all()
 
 
 @pytest.mark.parametrize(

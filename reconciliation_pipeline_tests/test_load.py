@@ -116,7 +116,7 @@ def test_a_million_emails_outbox_backlog_and_expired_keys_in_one_run(pg, pg_url,
     # every planted finding, no more
     with pg.connect() as conn:
         kinds = dict(conn.execute(sa.text(
-            "SELECT kind, count(*) FROM reconciliation_findings WHERE report_id = :r AND kind <> 'outbox_delivery' GROUP BY kind"
+            "SELECT kind, count(*) FROM reconciliation_findings_current WHERE report_id = :r AND kind <> 'outbox_delivery' GROUP BY kind"
         ), {"r": report["id"]}).all())
     assert kinds == {k: n for k, n in info["planted"].items() if n}
     assert report["records_checked"] == info["expected_records_checked"]

@@ -152,7 +152,7 @@ class Stores:
     def reset(self) -> None:
         with self.engine.begin() as conn:
             conn.execute(sa.text(
-                "TRUNCATE incoming_emails, outbox_messages, idempotency_keys, reconciliation_findings, "
+                "TRUNCATE incoming_emails, outbox_messages, idempotency_keys, reconciliation_findings, reconciliation_audit_checkpoints, "
                 "reconciliation_reports RESTART IDENTITY CASCADE"
             ))
         self.db.clients.drop()
@@ -487,7 +487,7 @@ class ReconciliationHistories(RuleBasedStateMachine):
     def _check_writes_audited(self, before: dict, after: dict, app_writes: dict, report: dict, verified: bool) -> None:
         """Every pair a run moved has an audit row of that run with the amount; `verified`: its outcome is
         `repaired` (a cut connection leaves it unverified until the next run reads it back)."""
-        audit = self.stores.rows("SELECT * FROM reconciliation_findings WHERE report_id = :r", r=report["id"])
+        audit = self.stores.rows("SELECT * FROM reconciliation_findings_current WHERE report_id = :r", r=report["id"])
         for pair in PAIRS:
             if held_cents(before[pair]) == held_cents(after[pair]) or pair in app_writes:
                 continue
@@ -499,7 +499,7 @@ class ReconciliationHistories(RuleBasedStateMachine):
                 assert any(a["action"] == "repaired" for a in rows), rows
 
     def _check_counts(self, report: dict) -> None:
-        audit = self.stores.rows("SELECT kind, action FROM reconciliation_findings WHERE report_id = :r", r=report["id"])
+        audit = self.stores.rows("SELECT kind, action FROM reconciliation_findings_current WHERE report_id = :r", r=report["id"])
         outbox = [a["action"] for a in audit if a["kind"] == "outbox_delivery"]
         diff = [a["action"] for a in audit if a["kind"] != "outbox_delivery"]
         assert report["auto_repaired"] == diff.count("repaired"), (report, diff)
@@ -523,7 +523,7 @@ class ReconciliationHistories(RuleBasedStateMachine):
                 f"after a quiet run {pair} holds {held_cents(after[pair])}, the newest statement is {newest}; "
                 f"all: {sorted(self.world.statements[pair], key=lambda s: s.key)}"
             )
-        stuck = self.stores.rows("SELECT id FROM reconciliation_findings WHERE error = :e", e=IN_FLIGHT)
+        stuck = self.stores.rows("SELECT id FROM reconciliation_findings_current WHERE error = :e", e=IN_FLIGHT)
         assert not stuck, f"writes left unverified after a quiet run: {stuck}"
         left = self.stores.rows("SELECT id, payload FROM outbox_messages WHERE processed_at IS NULL AND retry_count < max_retries")
         assert not left, f"outbox messages still pending after a quiet run: {left}"

@@ -56,7 +56,7 @@ def test_every_kind_of_finding_end_to_end(pg, mongo_db, reconcile):
     [report] = reports(pg)
     assert report["status"] == "completed" and report["mismatches_found"] == 9 and report["auto_repaired"] == 2
     assert report["records_checked"] >= 8
-    assert checks(result) == {"no_unrepaired_drift": False, "repair_budget_not_exceeded": True, "no_dead_outbox_messages": True}
+    assert checks(result) == {"no_unrepaired_drift": False, "repair_budget_not_exceeded": True, "no_dead_outbox_messages": True, "audit_chain_intact": True}
     # the materialization carries plottable counts and the findings table, without client names
     [mat] = result.asset_materializations_for_node("reconciliation_report")
     meta = mat.metadata

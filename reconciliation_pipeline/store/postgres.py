@@ -16,7 +16,7 @@ import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from reconciliation_pipeline import ledger
+from reconciliation_pipeline import audit, ledger
 from reconciliation_pipeline.core.frames import EMAIL_COLUMNS, TYPED_COLUMNS, prepare_emails
 from reconciliation_pipeline.schema import reconciliation_findings, reconciliation_reports
 
@@ -308,7 +308,9 @@ def finish_report(
             .where(reconciliation_reports.c.id == report_id)
             .values(**values, status="completed", error_message=None, completed_at=sa.func.now(), heartbeat_at=sa.func.now())
         )
-        return ledger.update(conn, report_id, drift) if drift is not None else None
+        summary = ledger.update(conn, report_id, drift) if drift is not None else None
+        audit.seal_report(conn, report_id)  # the report's counts join the audit chain
+        return summary
 
 
 def fail_report(engine: Engine, run_id: str, error: str) -> int:
@@ -333,39 +335,40 @@ def running_reports(engine: Engine) -> list[Mapping[str, Any]]:
         return [dict(r._mapping) for r in rows]
 
 
-FINDING_FIELDS = [c.name for c in reconciliation_findings.columns if c.name not in ("id", "created_at")]
+FINDING_FIELDS = list(audit.WRITABLE)
 
 
 def insert_findings(
     engine: Engine, rows: Sequence[Mapping[str, Any]], batch_size: int = 5_000, returning_ids: bool = False
 ) -> Any:
-    """Append audit rows to reconciliation_findings; the new ids in row order when asked, else the count."""
+    """Append audit rows to the reconciliation_findings chain; the new ids in row order when asked, else the count."""
     ids: list[int] = []
     for i in range(0, len(rows), batch_size):
         chunk = [{k: r.get(k) for k in FINDING_FIELDS} for r in rows[i : i + batch_size]]
         with engine.begin() as conn:
-            if returning_ids:
-                stmt = reconciliation_findings.insert().returning(reconciliation_findings.c.id, sort_by_parameter_order=True)
-                ids += list(conn.execute(stmt, chunk).scalars())
-            else:
-                conn.execute(reconciliation_findings.insert(), chunk)
+            ids += audit.append(conn, chunk)
     return ids if returning_ids else len(rows)
 
 
-def update_finding_outcomes(engine: Engine, outcomes: Sequence[Mapping[str, Any]]) -> None:
-    """Record the verified outcome (action, error, amount after) of audit rows written before a write."""
+def append_finding_outcomes(engine: Engine, outcomes: Sequence[Mapping[str, Any]]) -> None:
+    """Record the verified outcome (action, error, amounts) of writes as new audit rows naming their intent row (append-only)."""
     if not outcomes:
         return
-    stmt = (
-        reconciliation_findings.update()
-        .where(reconciliation_findings.c.id == sa.bindparam("finding_id"))
-        .values(
-            action=sa.bindparam("action"), error=sa.bindparam("error"), mongo_amount_cents_after=sa.bindparam("after"),
-            mongo_amount_cents_before=sa.func.coalesce(sa.bindparam("before", type_=sa.BigInteger), reconciliation_findings.c.mongo_amount_cents_before),
-        )
-    )
     with engine.begin() as conn:
-        conn.execute(stmt, list(outcomes))
+        ids = sorted({int(o["finding_id"]) for o in outcomes})
+        intents = {r["id"]: r for r in conn.execute(
+            sa.text(f"SELECT id, {', '.join(FINDING_FIELDS)} FROM reconciliation_findings WHERE id = ANY(:ids)"), {"ids": ids}
+        ).mappings()}
+        rows = []
+        for o in outcomes:
+            intent = intents[int(o["finding_id"])]
+            row = {k: intent[k] for k in FINDING_FIELDS}
+            row.update(
+                intent_id=intent["id"], action=o["action"], error=o["error"], mongo_amount_cents_after=o["after"],
+                mongo_amount_cents_before=o["before"] if o.get("before") is not None else intent["mongo_amount_cents_before"],
+            )
+            rows.append(row)
+        audit.append(conn, rows)
 
 
 @contextmanager
@@ -396,7 +399,8 @@ def unverified_writes(conn: Connection, in_flight: str, limit: int) -> list[Mapp
         sa.text(
             "SELECT f.id, f.outbox_message_id, f.email_id, f.client_id, f.creditor_pos, f.creditor_email, f.pg_amount_cents "
             "FROM reconciliation_findings f JOIN reconciliation_reports r ON r.id = f.report_id "
-            "WHERE f.error = :in_flight AND r.status <> 'running' ORDER BY f.id LIMIT :limit"
+            "WHERE f.error = :in_flight AND f.intent_id IS NULL AND r.status <> 'running' "
+            "AND NOT EXISTS (SELECT 1 FROM reconciliation_findings o WHERE o.intent_id = f.id) ORDER BY f.id LIMIT :limit"
         ),
         {"in_flight": in_flight, "limit": limit},
     )]
@@ -405,11 +409,9 @@ def unverified_writes(conn: Connection, in_flight: str, limit: int) -> list[Mapp
 
 def unrepaired_findings(engine: Engine, report_id: int) -> list[Mapping[str, Any]]:
     """The report's findings left in MongoDB (every action but `repaired`; outbox deliveries excluded)."""
-    f = reconciliation_findings
-    with engine.connect() as conn:
-        rows = conn.execute(
-            sa.select(f.c.kind, f.c.client_aktenzeichen, f.c.creditor_email, f.c.email_id, f.c.client_id, f.c.creditor_pos)
-            .where(f.c.report_id == report_id, f.c.kind != "outbox_delivery", f.c.action != "repaired")
-            .order_by(f.c.id)
-        )
+    with engine.connect() as conn:  # each finding with its newest outcome
+        rows = conn.execute(sa.text(
+            f"SELECT kind, client_aktenzeichen, creditor_email, email_id, client_id, creditor_pos FROM {audit.CURRENT_VIEW} "
+            "WHERE report_id = :r AND kind <> 'outbox_delivery' AND action <> 'repaired' ORDER BY id"
+        ), {"r": report_id})
         return [dict(r._mapping) for r in rows]
