@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEFS_MODULE = "reconciliation_pipeline.definitions"
 JOB = "reconciliation_job"
 ASSET = "reconciliation_report"
-CHECK_NAMES = {"no_unrepaired_drift", "repair_budget_not_exceeded", "no_dead_outbox_messages"}
+CHECK_NAMES = {"no_unrepaired_drift", "repair_budget_not_exceeded", "no_dead_outbox_messages", "audit_chain_intact"}
 # Variables of the parent environment that must not leak into the subprocesses.
 SCRUBBED_VARS = ("DAGSTER_HOME", "DAGSTER_POSTGRES_URL", "RECON_PARTITIONS_START", "RECON_POSTGRES_URL",
                  "RECON_MONGO_URI", "RECON_MONGO_DB")

@@ -43,7 +43,7 @@ def test_dg_check_and_list_defs(dg_env):
     assert listed.returncode == 0, describe(listed)
     for name in ("reconciliation_report", "reconciliation_job", "reconciliation_parallel_job",
                  "reconciliation_hourly_schedule", "close_stale_reports_sensor", "reconciliation_alert_sensor",
-                 "no_unrepaired_drift", "repair_budget_not_exceeded", "no_dead_outbox_messages"):
+                 "no_unrepaired_drift", "repair_budget_not_exceeded", "no_dead_outbox_messages", "audit_chain_intact"):
         assert name in listed.stdout, (name, describe(listed))
 
 
