@@ -185,5 +185,6 @@ def audit_check(verdict: Any) -> dg.AssetCheckResult:
         check_name=CHECK_AUDIT_CHAIN, asset_key=ASSET_KEY, passed=bool(verdict.ok), severity=dg.AssetCheckSeverity.ERROR,
         description=verdict.text() + ("" if verdict.ok else " (`python -m reconciliation_pipeline.audit verify`)"),
         metadata={"audit_rows_checked": int(verdict.checked), "audit_last_id": int(verdict.last_id or 0),
+                  "audit_last_hash": dg.MetadataValue.text(str(verdict.last_hash)),  # an anchor outside the database
                   **({} if verdict.ok else {"audit_broken_id": int(verdict.bad_id or 0)})},
     )
