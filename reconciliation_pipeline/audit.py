@@ -22,6 +22,8 @@ from typing import Any, Mapping, Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from reconciliation_pipeline.schema import reconciliation_findings
+
 LOCK_KEY = 7340210011
 GENESIS = "0" * 64
 SEAL_KIND = "report_seal"
@@ -110,10 +112,7 @@ def append(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> list[int]:
         row.update(id=new_id, created_at=now, prev_hash=prev)
         row["row_hash"] = prev = row_hash(row, row["prev_hash"])
         out.append(row)
-    cols = list(HASHED) + ["prev_hash", "row_hash"]
-    conn.execute(sa.text(
-        f"INSERT INTO reconciliation_findings ({', '.join(cols)}) VALUES ({', '.join(':' + c for c in cols)})"
-    ), out)
+    conn.execute(reconciliation_findings.insert(), out)  # a Core insert: batched as multi-row VALUES
     return ids
 
 
