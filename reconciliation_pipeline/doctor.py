@@ -41,11 +41,13 @@ REQUIRED_PRIVILEGES = {
     "outbox_messages": ("SELECT", "UPDATE", "DELETE"),
     "idempotency_keys": ("SELECT", "UPDATE", "DELETE"),
     "reconciliation_reports": ("SELECT", "INSERT", "UPDATE"),
-    "reconciliation_findings": ("SELECT", "INSERT", "UPDATE"),
+    "reconciliation_findings": ("SELECT", "INSERT"),  # append-only (migration 0006): outcomes are new rows
+    "reconciliation_findings_current": ("SELECT",),  # the view: each finding with its newest outcome
     "reconciliation_drift": ("SELECT", "INSERT", "UPDATE"),
+    "reconciliation_audit_checkpoints": ("SELECT", "INSERT"),
     "reconciliation_alembic_version": ("SELECT",),
 }
-SEQUENCES_OF = ("reconciliation_reports", "reconciliation_findings", "reconciliation_drift")  # bigserial ids the INSERTs draw
+SEQUENCES_OF = ("reconciliation_reports", "reconciliation_findings", "reconciliation_drift", "reconciliation_audit_checkpoints")  # bigserial ids the INSERTs draw
 # Indexes of the pipeline's own tables (migrations 0001, 0003 and 0005); those on the application's
 # tables come from migration 0002 itself (`INDEXES`).
 PIPELINE_TABLE_INDEXES = {
@@ -55,6 +57,7 @@ PIPELINE_TABLE_INDEXES = {
     "ix_reconciliation_findings_email_id": "reconciliation_findings",
     "ix_recon_findings_unverified": "reconciliation_findings",
     "ix_recon_findings_outbox_message_id": "reconciliation_findings",
+    "ix_recon_findings_intent_id": "reconciliation_findings",
     "ix_reconciliation_drift_open": "reconciliation_drift",
     "ix_reconciliation_drift_pair": "reconciliation_drift",
     "ix_reconciliation_drift_email_id": "reconciliation_drift",
@@ -128,7 +131,9 @@ def check_postgres(url: str) -> list[Check]:
             major = version // 10000
             checks.append(Check(area, "server version", OK if major >= 13 else WARN, f"PostgreSQL {version // 10000}.{version % 10000}",
                                 "" if major >= 13 else "the pipeline is tested on PostgreSQL 15; 13+ is expected"))
-            existing = set(conn.execute(sa.text("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")).scalars())
+            existing = set(conn.execute(sa.text(
+                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() "
+                "UNION SELECT viewname FROM pg_views WHERE schemaname = current_schema()")).scalars())
             for table, needed in REQUIRED_PRIVILEGES.items():
                 if table not in existing:
                     checks.append(Check(area, f"table {table}", FAIL, "missing",
