@@ -31,6 +31,8 @@ import pyarrow.parquet as pq
 from bson.codec_options import CodecOptions
 from pydantic import Field
 
+from reconciliation_pipeline.core.frames import share_strings
+
 MANIFEST = "value.json"
 # What pymongo hands the pipeline (MongoResource: tz_aware=True), so decoded documents are the same objects.
 BSON_OPTIONS = CodecOptions(tz_aware=True)
@@ -77,6 +79,14 @@ def write_frame(frame: pd.DataFrame, path: Path) -> None:
     pq.write_table(table.replace_schema_metadata(meta), path)
 
 
+def _distinct_once(values: np.ndarray) -> np.ndarray:
+    codes, uniques = pd.factorize(values)
+    out = np.full(len(values), None, dtype=object)
+    present = codes >= 0
+    out[present] = np.asarray(uniques, dtype=object)[codes[present]]
+    return out
+
+
 def read_frame(path: Path) -> pd.DataFrame:
     """The frame `write_frame` stored: same columns, order, dtypes, index and values."""
     table = pq.read_table(path)
@@ -89,10 +99,15 @@ def read_frame(path: Path) -> pd.DataFrame:
         values = table.column(column).to_numpy(zero_copy_only=False)
         if info["codecs"][column] == "json":
             values = np.array([decode_json(json.loads(v)) for v in values] + [None], dtype=object)[:-1]
+        else:
+            # Arrow hands back a new str object a row; the extract held each distinct string once (a
+            # million emails name a few thousand creditors), and memory at 1M emails depends on it
+            values = _distinct_once(values)
         frame[column] = pd.Series(values, index=frame.index, dtype=object)
     frame = frame[info["columns"]]
     frame.attrs = decode_json(info["attrs"])
-    return frame
+    # the same for pandas string columns, which Arrow rebuilds a str object a row
+    return share_strings(frame, [c for c in frame.columns if isinstance(frame[c].dtype, pd.StringDtype)])
 
 
 def _tz_name(tz: Any) -> str | None:

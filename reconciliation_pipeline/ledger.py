@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -72,9 +73,19 @@ def compared_pairs(emails: pd.DataFrame) -> pd.DataFrame:
     if not len(window):
         return pd.DataFrame({c: pd.Series([], dtype=object) for c in COMPARED_COLUMNS})
     return pd.DataFrame({
-        "client_aktenzeichen": _az(window["route"]), "creditor_email": _address(window["from_email_key"]),
+        "client_aktenzeichen": _on_distinct(window["route"], _az), "creditor_email": _on_distinct(window["from_email_key"], _address),
         "email_id": window["email_id"].astype(object),
     }).reset_index(drop=True)
+
+
+def _on_distinct(values: pd.Series, normalise: Any) -> pd.Series:
+    """`normalise` applied once per distinct value, each result held once (not a new string a row)."""
+    codes, uniques = pd.factorize(values.to_numpy(object))
+    mapped = normalise(pd.Series(np.asarray(uniques, dtype=object), dtype=object)).to_numpy(object)
+    out = np.full(len(values), None, dtype=object)
+    present = codes >= 0
+    out[present] = mapped[codes[present]]
+    return pd.Series(out, index=values.index, dtype=object)
 
 
 def seen_frame(findings: pd.DataFrame) -> pd.DataFrame:
