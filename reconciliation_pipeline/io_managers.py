@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from bson.codec_options import CodecOptions
 from pydantic import Field
 
-from reconciliation_pipeline.core.frames import share_strings
+from reconciliation_pipeline.core.frames import held_once, share_strings
 
 MANIFEST = "value.json"
 # What pymongo hands the pipeline (MongoResource: tz_aware=True), so decoded documents are the same objects.
@@ -79,14 +79,6 @@ def write_frame(frame: pd.DataFrame, path: Path) -> None:
     pq.write_table(table.replace_schema_metadata(meta), path)
 
 
-def _distinct_once(values: np.ndarray) -> np.ndarray:
-    codes, uniques = pd.factorize(values)
-    out = np.full(len(values), None, dtype=object)
-    present = codes >= 0
-    out[present] = np.asarray(uniques, dtype=object)[codes[present]]
-    return out
-
-
 def read_frame(path: Path) -> pd.DataFrame:
     """The frame `write_frame` stored: same columns, order, dtypes, index and values."""
     table = pq.read_table(path)
@@ -102,7 +94,7 @@ def read_frame(path: Path) -> pd.DataFrame:
         else:
             # Arrow hands back a new str object a row; the extract held each distinct string once (a
             # million emails name a few thousand creditors), and memory at 1M emails depends on it
-            values = _distinct_once(values)
+            values = held_once(values)
         frame[column] = pd.Series(values, index=frame.index, dtype=object)
     frame = frame[info["columns"]]
     frame.attrs = decode_json(info["attrs"])

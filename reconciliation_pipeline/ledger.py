@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -32,6 +31,7 @@ from reconciliation_pipeline.core.diff import (
     AMBIGUOUS_CLIENT, AMBIGUOUS_CREDITOR, CLIENT_NOT_FOUND, CREDITOR_NOT_FOUND, INVALID_MONGO_AMOUNT, INVALID_PG_AMOUNT,
     OUTBOX_DELIVERY,
 )
+from reconciliation_pipeline.core.frames import held_once
 from reconciliation_pipeline.core.repair import REPAIRED, SUPERSEDED
 
 LEDGER_LOCK = 7_340_210_003  # pg advisory xact lock: one ledger update at a time (MONGO_WRITER_LOCK is ...001)
@@ -80,12 +80,7 @@ def compared_pairs(emails: pd.DataFrame) -> pd.DataFrame:
 
 def _on_distinct(values: pd.Series, normalise: Any) -> pd.Series:
     """`normalise` applied once per distinct value, each result held once (not a new string a row)."""
-    codes, uniques = pd.factorize(values.to_numpy(object))
-    mapped = normalise(pd.Series(np.asarray(uniques, dtype=object), dtype=object)).to_numpy(object)
-    out = np.full(len(values), None, dtype=object)
-    present = codes >= 0
-    out[present] = mapped[codes[present]]
-    return pd.Series(out, index=values.index, dtype=object)
+    return pd.Series(held_once(values.to_numpy(object), normalise), index=values.index, dtype=object)
 
 
 def seen_frame(findings: pd.DataFrame) -> pd.DataFrame:

@@ -226,6 +226,19 @@ def prepare_emails(rows: pd.DataFrame) -> pd.DataFrame:
 SHARED_STRING_COLUMNS = ("from_email_key", "az_key", "az_reason", "client_name", "creditor_name", "amount_reason")
 
 
+def held_once(values: np.ndarray, normalise: Any = None) -> np.ndarray:
+    """`values` (object) with each distinct value held once, `normalise` (a Series -> Series map)
+    applied once per distinct value; None stays None."""
+    codes, uniques = pd.factorize(values)
+    distinct = np.asarray(uniques, dtype=object)
+    if normalise is not None:
+        distinct = normalise(pd.Series(distinct, dtype=object)).to_numpy(object)
+    out = np.full(len(values), None, dtype=object)
+    present = codes >= 0
+    out[present] = distinct[codes[present]]
+    return out
+
+
 def share_strings(frame: pd.DataFrame, columns: Iterable[str] = SHARED_STRING_COLUMNS) -> pd.DataFrame:
     """The frame with each distinct string of `columns` held once (a million emails repeat a few
     thousand creditor addresses): 8 bytes a row instead of a string object a row; values unchanged."""
@@ -234,10 +247,7 @@ def share_strings(frame: pd.DataFrame, columns: Iterable[str] = SHARED_STRING_CO
         if column not in out or not len(out):
             continue
         values = out[column]
-        codes, uniques = pd.factorize(values.to_numpy(object))
-        shared = np.full(len(values), None, dtype=object)
-        present = codes >= 0
-        shared[present] = np.asarray(uniques, dtype=object)[codes[present]]
+        shared = held_once(values.to_numpy(object))
         out[column] = pd.array(shared, dtype=values.dtype) if isinstance(values.dtype, pd.StringDtype) else shared
     return out
 
