@@ -343,6 +343,22 @@ def update(conn: Connection, report_id: int, evidence: DriftEvidence) -> DriftSu
     return summary(conn, opened, resolved)
 
 
+_DESCRIBE = sa.text(
+    "SELECT problem_key, times_seen, cause FROM reconciliation_drift WHERE problem_key = ANY(CAST(:keys AS text[]))"
+)
+
+
+def describe(conn: Connection, findings: pd.DataFrame) -> pd.DataFrame:
+    """The ledger's `times_seen` and `cause` of each finding's problem (indexed like `findings`; NA where the
+    ledger has no row for it, as for a dry run's new problem)."""
+    keys = problem_keys(findings)
+    rows = conn.execute(_DESCRIBE, {"keys": sorted(set(keys))}).all() if len(keys) else []
+    known = pd.DataFrame(rows, columns=["problem_key", "times_seen", "cause"]).set_index("problem_key")
+    described = known.reindex(keys.to_numpy())
+    described.index = findings.index
+    return described.astype({"times_seen": "Int64", "cause": object})
+
+
 # --- CLI ----------------------------------------------------------------------------------------
 
 _LIST = """

@@ -8,7 +8,7 @@ from reconciliation_pipeline import audit, faults, ledger, steps
 from reconciliation_pipeline.io_managers import REPORT_TABLE
 from reconciliation_pipeline.liveness import close_stale_reports
 from reconciliation_pipeline.partitions import hourly_partitions
-from reconciliation_pipeline.report import audit_check, build_report
+from reconciliation_pipeline.report import TABLE_ROWS, audit_check, build_report
 from reconciliation_pipeline.resources import MongoResource, PostgresResource, ReconciliationSettings
 from reconciliation_pipeline.store import postgres as pg
 
@@ -155,7 +155,9 @@ def finish_report(
     with postgres.get_engine() as engine:  # the report row and the drift ledger in one transaction
         drift = pg.finish_report(engine, run.report_id, report.row, evidence)
         chain = audit.verify_since_last(engine)  # the rows added since the last verified point, this report's seal included
-    report = build_report(run, outbox, repaired, cleaned, settings.findings_in_details, started, drift)
+        with engine.connect() as conn:
+            described = ledger.describe(conn, repaired.findings.head(TABLE_ROWS))
+    report = build_report(run, outbox, repaired, cleaned, settings.findings_in_details, started, drift, described)
     context.log.info(f"report {run.report_id}: " + ", ".join(f"{k}={v}" for k, v in report.counts.items()))
     row = {"table": REPORT_TABLE, "report_id": run.report_id}
     yield dg.Output(row, output_name="result", metadata={**report.metadata, "table": dg.MetadataValue.text(REPORT_TABLE)})

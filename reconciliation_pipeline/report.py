@@ -33,6 +33,8 @@ FINDINGS_SCHEMA = dg.TableSchema(columns=[
     dg.TableColumn("action", "string", description="repaired, repair_failed, skipped_*, reported"),
     dg.TableColumn("postgres_eur", "float", description="amount in PostgreSQL (the source of truth), EUR"),
     dg.TableColumn("mongo_eur", "float", description="amount in MongoDB before the run, EUR"),
+    dg.TableColumn("times_seen", "int", description="runs the drift ledger has seen this problem in (blank: not in the ledger, e.g. a dry run)"),
+    dg.TableColumn("cause", "string", description="the ledger's root cause: outbox_pending, outbox_dead, sync_failed, portal_newer, invalid_source, unmatched, unknown"),
 ])
 TABLE_COLUMNS = [c.name for c in FINDINGS_SCHEMA.columns]
 
@@ -56,15 +58,19 @@ def _text(value: Any) -> str | None:
     return None if value is None or (not isinstance(value, str) and pd.isna(value)) else str(value)[:200]
 
 
-def findings_table(findings: pd.DataFrame, limit: int = TABLE_ROWS) -> dg.TableMetadataValue:
-    """The first findings as a table (aktenzeichen and creditor address, never names; amounts in EUR)."""
+def findings_table(findings: pd.DataFrame, described: pd.DataFrame | None = None, limit: int = TABLE_ROWS) -> dg.TableMetadataValue:
+    """The first findings as a table (aktenzeichen and creditor address, never names; amounts in EUR), with
+    the drift ledger's times_seen and cause of each (`ledger.describe`)."""
     head = findings.head(limit)
+    ledger_rows = (described.reindex(head.index) if described is not None
+                   else pd.DataFrame({"times_seen": pd.NA, "cause": None}, index=head.index))
     records = [
         dg.TableRecord({"aktenzeichen": _text(az), "creditor": _text(creditor), "kind": _text(kind), "action": _text(action),
-                        "postgres_eur": _euros(pg_cents), "mongo_eur": _euros(mongo_cents)})
-        for az, creditor, kind, pg_cents, mongo_cents, action in zip(
+                        "postgres_eur": _euros(pg_cents), "mongo_eur": _euros(mongo_cents),
+                        "times_seen": None if pd.isna(seen) else int(seen), "cause": _text(cause)})
+        for az, creditor, kind, pg_cents, mongo_cents, action, seen, cause in zip(
             head["aktenzeichen"], head["creditor_email"], head["kind"], head["pg_amount_cents"],
-            head["mongo_amount_cents"], head["action"])
+            head["mongo_amount_cents"], head["action"], ledger_rows["times_seen"], ledger_rows["cause"])
     ] if len(head) else []
     return dg.MetadataValue.table(records, schema=FINDINGS_SCHEMA)
 
@@ -77,10 +83,10 @@ def _details(findings: pd.DataFrame, cap: int) -> list[dict[str, Any]]:
 
 def build_report(
     run: RunContext, outbox: OutboxResult, repaired: RepairResult, cleaned: dict[str, int], details_cap: int,
-    run_started: float | None, drift: DriftSummary | None = None,
+    run_started: float | None, drift: DriftSummary | None = None, described: pd.DataFrame | None = None,
 ) -> Report:
     """Counts, the report row, numeric metadata, the findings table and the three check results
-    (with the drift ledger's numbers once the run has updated it)."""
+    (with the drift ledger's numbers once the run has updated it, and its times_seen and cause per finding)."""
     findings = repaired.findings
     actions = findings["action"].value_counts().to_dict() if len(findings) else {}
     kinds = findings["kind"].value_counts().to_dict() if len(findings) else {}
@@ -129,7 +135,7 @@ def build_report(
         "window_start": dg.MetadataValue.text(run.window_start.isoformat()),
         "window_end": dg.MetadataValue.text(run.window_end.isoformat()),
         "report_id": dg.MetadataValue.int(run.report_id),
-        "findings": findings_table(findings),
+        "findings": findings_table(findings, described),
         "dagster/row_count": dg.MetadataValue.int(int(len(findings))),  # all findings; the table shows the first TABLE_ROWS
     }
     if drift is not None:

@@ -28,12 +28,13 @@ from datetime import timezone
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 import sqlalchemy as sa
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 from playwright.sync_api import sync_playwright
 
-from reconciliation_pipeline import demo
+from reconciliation_pipeline import demo, ledger
 from reconciliation_pipeline.partitions import hourly_partitions
 from reconciliation_pipeline.report import TABLE_COLUMNS, TABLE_ROWS
 from reconciliation_pipeline_tests import ui_support as ui
@@ -167,15 +168,22 @@ def euros(cents: int | None) -> str:
 
 
 def finding_cells(engine: sa.Engine, report_id: int) -> list[dict[str, str]]:
-    """The run's findings (audit rows without the outbox deliveries) as the findings table shows them."""
+    """The run's findings (audit rows without the outbox deliveries) as the findings table shows them, with
+    the drift ledger's times_seen and cause of each."""
     with engine.connect() as conn:
-        rows = conn.execute(sa.text(
-            "SELECT client_aktenzeichen, creditor_email, kind, pg_amount_cents, mongo_amount_cents_before, action "
+        rows = pd.read_sql(sa.text(
+            "SELECT client_aktenzeichen AS aktenzeichen, creditor_email, kind, pg_amount_cents, "
+            "mongo_amount_cents_before, action, email_id, client_id, creditor_pos AS pos "
             "FROM reconciliation_findings_current WHERE report_id = :r AND kind <> 'outbox_delivery' ORDER BY id"),
-            {"r": report_id}).all()
+            conn, params={"r": report_id}, dtype=object)
+        rows = rows.where(rows.notna(), None)
+        described = ledger.describe(conn, rows)
     return [{"aktenzeichen": az or "", "creditor": creditor or "", "kind": kind, "postgres_eur": euros(pg_cents),
-             "mongo_eur": euros(mongo_cents), "action": action}
-            for az, creditor, kind, pg_cents, mongo_cents, action in rows]
+             "mongo_eur": euros(mongo_cents), "action": action, "times_seen": "" if pd.isna(seen) else str(int(seen)),
+             "cause": cause or ""}
+            for az, creditor, kind, pg_cents, mongo_cents, action, seen, cause in zip(
+                rows["aktenzeichen"], rows["creditor_email"], rows["kind"], rows["pg_amount_cents"],
+                rows["mongo_amount_cents_before"], rows["action"], described["times_seen"], described["cause"])]
 
 
 def launch_from_launchpad(page, base_url: str, repo_address: str) -> str:

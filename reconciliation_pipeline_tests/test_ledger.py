@@ -45,6 +45,12 @@ def materialization(result):
     return {k: v.value for k, v in event.materialization.metadata.items()}
 
 
+def table_rows(result) -> list[dict]:
+    """The findings table of the run's materialization, as records."""
+    [event] = result.get_asset_materialization_events()
+    return [dict(r.data) for r in event.materialization.metadata["findings"].records]
+
+
 def check(result, name):
     [evaluation] = [e for e in result.get_asset_check_evaluations() if e.check_name == name]
     return evaluation
@@ -69,6 +75,11 @@ def test_a_problem_seen_in_two_runs_is_one_open_row_seen_twice(pg, mongo_db, rec
     assert isinstance(meta[1]["drift_oldest_open_hours"], float) and meta[1]["drift_oldest_open_hours"] >= 0
     description = check(second, "no_unrepaired_drift").description
     assert "Drift ledger: 1 open problems, the oldest open for" in description
+    # the findings table says how often the ledger has seen each problem, and why it happened
+    assert [(r["aktenzeichen"], r["kind"], r["times_seen"], r["cause"]) for r in table_rows(first)] == [
+        ("542900", "data_mismatch", 1, "unknown")]
+    assert [(r["aktenzeichen"], r["kind"], r["times_seen"], r["cause"]) for r in table_rows(second)] == [
+        ("542900", "data_mismatch", 2, "unknown")]
 
 
 def test_fixed_at_the_source_resolves_as_fixed_at_source(pg, mongo_db, reconcile):
@@ -132,8 +143,10 @@ def test_a_pair_not_compared_keeps_its_state_mongo_down_and_dry_run(pg, mongo_db
     assert reconcile(dry_run=True).success  # a dry run compares but changes nothing, the ledger neither
     assert drift(pg)[KEY] == before
     add_email(pg, from_email="inkasso@example.org", extracted=reply(az="777777", amount=5))  # a new problem
-    assert reconcile(dry_run=True).success
-    assert list(drift(pg)) == [KEY]
+    dry = reconcile(dry_run=True)
+    assert dry.success and list(drift(pg)) == [KEY]
+    # the table shows the ledger as it stands: the known problem is not counted again, the new one is not in it
+    assert sorted((r["aktenzeichen"], r["times_seen"]) for r in table_rows(dry)) == [("777777", None)]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -183,6 +196,7 @@ def test_cause_outbox_pending(pg, mongo_db, reconcile):
     delivery = rows[f"outbox:{message}|outbox_delivery"]
     assert (delivery["status"], delivery["cause"], delivery["kind"]) == ("open", "outbox_pending", "outbox_delivery")
     assert materialization(result)["drift_open_outbox_pending"] == 2
+    assert [(r["kind"], r["times_seen"], r["cause"]) for r in table_rows(result)] == [("data_mismatch", 1, "outbox_pending")]
 
 
 def test_cause_outbox_dead(pg, mongo_db, reconcile):
