@@ -63,7 +63,7 @@ def test_every_kind_of_finding_end_to_end(pg, mongo_db, reconcile):
     assert meta["records_checked"].value == report["records_checked"] and meta["auto_repaired"].value == 2
     table = meta["findings"]
     assert isinstance(table, dg.TableMetadataValue) and [c.name for c in table.schema.columns] == [
-        "aktenzeichen", "creditor", "kind", "action", "postgres_eur", "mongo_eur"]
+        "aktenzeichen", "creditor", "kind", "action", "postgres_eur", "mongo_eur", "times_seen", "cause"]
     assert meta["dagster/row_count"].value == report["mismatches_found"] == len(table.records)
     rows = [r.data for r in table.records]
     assert {"aktenzeichen": "542900", "kind": "data_mismatch"}.items() <= next(r for r in rows if r["kind"] == "data_mismatch").items()
