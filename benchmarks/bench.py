@@ -9,7 +9,7 @@ MongoDB database `recon_bench` (on RECON_MONGO_URI). Side by side, in one run:
 1. the floor: reading exactly the compared fields from both stores with no processing
    (PostgreSQL `COPY (<the window query>) TO STDOUT`; MongoDB a projected `find` of the clients the
    window's emails name, cursor batch size 1000);
-2. the pipeline's own steps (`reconciliation_pipeline.steps`, not through Dagster) for a window
+2. the pipeline's own steps (`reconciliation_pipeline.run`, not through Dagster) for a window
    covering every row, in a fresh subprocess (so its peak RSS is the pipeline's), step by step
    (`compare` reads the client documents in batches and diffs each batch as it arrives);
 3. the diff core alone (`core.diff.diff`) on in-memory frames of all the window's documents at
@@ -338,7 +338,9 @@ def child_run(args: argparse.Namespace) -> int:
     from pymongo import MongoClient
 
     from reconciliation_pipeline import report as report_mod
-    from reconciliation_pipeline import steps
+    from reconciliation_pipeline.run import audit_rows, cleanup as cleanup_step, diff as diff_step, extract as extract_step
+    from reconciliation_pipeline.run import outbox as outbox_step, repair as repair_step
+    from reconciliation_pipeline.run.types import RunContext
     from reconciliation_pipeline.core import diff as core_diff
     from reconciliation_pipeline.store import postgres as pg
 
@@ -392,31 +394,39 @@ def child_run(args: argparse.Namespace) -> int:
     started = time.time()
     with step("open_report"):
         report_id = pg.open_report(engine, run_id, None, start, end, False)
-        ctx = steps.RunContext(report_id, run_id, None, start, end, False)
+        ctx = RunContext(report_id, run_id, None, start, end, False)
     with step("retry_outbox"):
-        outbox = steps.retry_outbox(engine, collection_factory, True, ctx, args.outbox_batch, args.mongo_batch, log)
+        outbox = outbox_step.retry_outbox(
+            engine, collection_factory, ctx, mongo_available=True, batch_size=args.outbox_batch, mongo_batch_size=args.mongo_batch, log=log
+        )
     with step("extract_postgres"):
-        emails = steps.extract_postgres(engine, ctx, log)
+        emails = extract_step.extract_postgres(engine, ctx, log=log)
     keys_per_query = args.mongo_keys_per_query or _settings_default("mongo_keys_per_query", args.mongo_batch)
-    options = steps.diff_options(ctx, 0, False)
+    options = diff_step.diff_options(ctx, tolerance_cents=0, repair_low_confidence=False)
     with step("route_emails"):
-        shards = steps.route_emails(collection, emails, args.shards, keys_per_query, args.full_scan_ratio, log)
+        shards = extract_step.route_emails(
+            collection, emails, count=args.shards, batch_size=keys_per_query, full_scan_ratio=args.full_scan_ratio, log=log
+        )
     with step("compare"):
-        found = steps.merge_diffs([steps.compare_shard(collection, shard, ctx, options, keys_per_query, log) for shard in shards])
+        found = diff_step.merge_diffs(
+            [diff_step.compare_shard(collection, shard, ctx, options=options, batch_size=keys_per_query, log=log) for shard in shards]
+        )
     del shards
     with step("repair"):
-        repaired = steps.repair(engine, collection_factory, found, ctx, args.max_repairs, 5, args.mongo_batch, log)
+        repaired = repair_step.repair(
+            engine, collection_factory, found, ctx, max_repairs=args.max_repairs, lock_wait_seconds=5, batch_size=args.mongo_batch, log=log
+        )
     with step("audit_insert"):
-        # newer steps.repair writes the audit rows itself (before the write, updated after the read-back)
+        # newer repair steps write the audit rows itself (before the write, updated after the read-back)
         with engine.connect() as conn:
             written = conn.execute(sa.text(
                 "SELECT count(*) FROM reconciliation_findings WHERE report_id = :r AND kind <> 'outbox_delivery'"
             ), {"r": report_id}).scalar_one()
         audit_by_repair = written >= len(repaired.findings)
         if not audit_by_repair:
-            pg.insert_findings(engine, steps.audit_rows(ctx, repaired.findings))
+            pg.insert_findings(engine, audit_rows.finding_rows(ctx, repaired.findings))
     with step("cleanup"):
-        cleaned = steps.cleanup(engine, 30, 10_000, log)
+        cleaned = cleanup_step.cleanup(engine, retention_days=30, batch_size=10_000, log=log)
     with step("report"):
         built = report_mod.build_report(ctx, outbox, repaired, cleaned, 200, started)
         pg.finish_report(engine, report_id, built.row)

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any

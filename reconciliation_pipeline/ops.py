@@ -1,10 +1,16 @@
-"""The ops of one reconciliation run: thin wrappers around `steps` with resources and the window."""
+"""The ops of one reconciliation run: thin wrappers around the `run` package with resources and the window."""
 
 
 import dagster as dg
 import pandas as pd
 
-from reconciliation_pipeline import audit, faults, ledger, steps
+from reconciliation_pipeline import audit, faults, ledger
+from reconciliation_pipeline.run import cleanup as cleanup_step
+from reconciliation_pipeline.run import diff as diff_step
+from reconciliation_pipeline.run import extract as extract_step
+from reconciliation_pipeline.run import outbox as outbox_step
+from reconciliation_pipeline.run import repair as repair_step
+from reconciliation_pipeline.run.types import DiffResult, MongoShard, OutboxResult, RepairResult, RunContext, window_for
 from reconciliation_pipeline.io_managers import REPORT_TABLE
 from reconciliation_pipeline.liveness import close_stale_reports
 from reconciliation_pipeline.partitions import hourly_partitions
@@ -35,12 +41,12 @@ def _lookback_hours(context: dg.OpExecutionContext, settings: ReconciliationSett
 
 
 @dg.op
-def open_report(context: dg.OpExecutionContext, postgres: PostgresResource, settings: ReconciliationSettings) -> steps.RunContext:
+def open_report(context: dg.OpExecutionContext, postgres: PostgresResource, settings: ReconciliationSettings) -> RunContext:
     """Create the run's reconciliation_reports row (status running) for the partition's window."""
     if not context.has_partition_key:
         raise dg.Failure("reconciliation_report is hourly-partitioned: launch it for a partition (e.g. --partition 2026-11-28-10:00)")
     lookback = _lookback_hours(context, settings)
-    start, end = steps.window_for(_partition_window(context).end, lookback)
+    start, end = window_for(_partition_window(context).end, lookback)
     with postgres.get_engine() as engine:
         closed = close_stale_reports(engine, context.instance, context.log)
         report_id = pg.open_report(engine, context.run_id, context.partition_key, start, end, settings.dry_run)
@@ -49,44 +55,45 @@ def open_report(context: dg.OpExecutionContext, postgres: PostgresResource, sett
         f"report {report_id}: partition {context.partition_key}, window [{start.isoformat()}, {end.isoformat()}), "
         f"lookback {lookback} h, dry_run={settings.dry_run}, stale reports closed: {closed}"
     )
-    return steps.RunContext(report_id, context.run_id, context.partition_key, start, end, settings.dry_run)
+    return RunContext(report_id, context.run_id, context.partition_key, start, end, settings.dry_run)
 
 
 @dg.op(pool=MONGO_WRITER_POOL)
 def retry_outbox(
-    context: dg.OpExecutionContext, run: steps.RunContext, postgres: PostgresResource, mongo: MongoResource,
+    context: dg.OpExecutionContext, run: RunContext, postgres: PostgresResource, mongo: MongoResource,
     settings: ReconciliationSettings,
-) -> steps.OutboxResult:
+) -> OutboxResult:
     """Deliver pending outbox messages oldest first (poison ones go dead); read back writes killed runs left unverified."""
     with postgres.get_engine() as engine:
         pg.heartbeat(engine, run.report_id)
-        return steps.retry_outbox(
-            engine, mongo.get_clients_collection, mongo.is_available(), run,
-            settings.outbox_batch_size, settings.mongo_batch_size, context.log, settings.repair_lock_wait_seconds,
-            low_confidence=settings.repair_low_confidence,
+        return outbox_step.retry_outbox(
+            engine, mongo.get_clients_collection, run, mongo_available=mongo.is_available(),
+            batch_size=settings.outbox_batch_size, mongo_batch_size=settings.mongo_batch_size,
+            lock_wait_seconds=settings.repair_lock_wait_seconds, low_confidence=settings.repair_low_confidence, log=context.log,
         )
 
 
 @dg.op(retry_policy=READ_RETRY)
 def extract_postgres(
-    context: dg.OpExecutionContext, run: steps.RunContext, outbox: steps.OutboxResult, postgres: PostgresResource
+    context: dg.OpExecutionContext, run: RunContext, outbox: OutboxResult, postgres: PostgresResource
 ) -> pd.DataFrame:
     """Read the window's synced emails (and newer ones for the same creditors) from PostgreSQL."""
     with postgres.get_engine() as engine:
         pg.heartbeat(engine, run.report_id)
-        return steps.extract_postgres(engine, run, context.log)
+        return extract_step.extract_postgres(engine, run, log=context.log)
 
 
-@dg.op(out=dg.DynamicOut(steps.MongoShard), retry_policy=READ_RETRY)
+@dg.op(out=dg.DynamicOut(MongoShard), retry_policy=READ_RETRY)
 def route_emails(context: dg.OpExecutionContext, emails: pd.DataFrame, mongo: MongoResource, settings: ReconciliationSettings):
     """Route each email to its client's aktenzeichen (name lookup if it has none) and split into shards."""
     if not mongo.is_available():
         context.log.warning("route: MongoDB unreachable; comparison and repair skipped")
-        shards = [steps.MongoShard(0, 1, emails.iloc[:0], (), available=False, error="MongoDB unreachable")]
+        shards = [MongoShard(0, 1, emails.iloc[:0], (), available=False, error="MongoDB unreachable")]
     else:
         with mongo.get_clients_collection() as collection:
-            shards = steps.route_emails(
-                collection, emails, settings.mongo_shards, settings.mongo_keys_per_query, settings.mongo_full_scan_ratio, context.log
+            shards = extract_step.route_emails(
+                collection, emails, count=settings.mongo_shards, batch_size=settings.mongo_keys_per_query,
+                full_scan_ratio=settings.mongo_full_scan_ratio, log=context.log,
             )
     for shard in shards:
         context.log.info(f"shard {shard.index}: {len(shard.emails)} emails, {len(shard.aktenzeichen)} aktenzeichen")
@@ -95,46 +102,50 @@ def route_emails(context: dg.OpExecutionContext, emails: pd.DataFrame, mongo: Mo
 
 @dg.op(retry_policy=READ_RETRY)
 def compare_shard(
-    context: dg.OpExecutionContext, run: steps.RunContext, shard: steps.MongoShard, mongo: MongoResource,
+    context: dg.OpExecutionContext, run: RunContext, shard: MongoShard, mongo: MongoResource,
     settings: ReconciliationSettings,
-) -> steps.DiffResult:
+) -> DiffResult:
     """Read one shard's client documents in batches and diff each against its emails (pandas, vectorised)."""
-    options = steps.diff_options(run, settings.amount_tolerance_cents, settings.repair_low_confidence)
+    options = diff_step.diff_options(
+        run, tolerance_cents=settings.amount_tolerance_cents, repair_low_confidence=settings.repair_low_confidence
+    )
     with mongo.get_clients_collection() as collection:
-        return steps.compare_shard(collection, shard, run, options, settings.mongo_keys_per_query, context.log)
+        return diff_step.compare_shard(collection, shard, run, options=options, batch_size=settings.mongo_keys_per_query, log=context.log)
 
 
 @dg.op
-def merge_diffs(context: dg.OpExecutionContext, results: list) -> steps.DiffResult:
+def merge_diffs(context: dg.OpExecutionContext, results: list) -> DiffResult:
     """Combine the shards' findings into the run's diff."""
-    merged = steps.merge_diffs(results)
+    merged = diff_step.merge_diffs(results)
     context.log.info(f"diff: {merged.records_checked} pairs compared, {len(merged.findings)} findings")
     return merged
 
 
 @dg.op(pool=MONGO_WRITER_POOL)
 def repair_mongo(
-    context: dg.OpExecutionContext, run: steps.RunContext, diff: steps.DiffResult, postgres: PostgresResource,
+    context: dg.OpExecutionContext, run: RunContext, diff: DiffResult, postgres: PostgresResource,
     mongo: MongoResource, settings: ReconciliationSettings,
-) -> steps.RepairResult:
+) -> RepairResult:
     """Write PostgreSQL's amounts into MongoDB for repairable findings (compare-and-swap, read back)."""
     with postgres.get_engine() as engine:
         pg.heartbeat(engine, run.report_id)
-        return steps.repair(
-            engine, mongo.get_clients_collection, diff, run, settings.max_repairs,
-            settings.repair_lock_wait_seconds, settings.mongo_batch_size, context.log,
+        return repair_step.repair(
+            engine, mongo.get_clients_collection, diff, run, max_repairs=settings.max_repairs,
+            lock_wait_seconds=settings.repair_lock_wait_seconds, batch_size=settings.mongo_batch_size, log=context.log,
         )
 
 
 @dg.op(retry_policy=READ_RETRY)
 def cleanup(
-    context: dg.OpExecutionContext, run: steps.RunContext, outbox: steps.OutboxResult, postgres: PostgresResource,
+    context: dg.OpExecutionContext, run: RunContext, outbox: OutboxResult, postgres: PostgresResource,
     settings: ReconciliationSettings,
 ) -> dict:
     """Delete expired idempotency keys and old processed outbox rows in bounded batches."""
     with postgres.get_engine() as engine:
         pg.heartbeat(engine, run.report_id)
-        return steps.cleanup(engine, settings.outbox_retention_days, settings.cleanup_batch_size, context.log)
+        return cleanup_step.cleanup(
+            engine, retention_days=settings.outbox_retention_days, batch_size=settings.cleanup_batch_size, log=context.log
+        )
 
 
 @dg.op(
@@ -144,7 +155,7 @@ def cleanup(
     },
 )
 def finish_report(
-    context: dg.OpExecutionContext, run: steps.RunContext, outbox: steps.OutboxResult, repaired: steps.RepairResult,
+    context: dg.OpExecutionContext, run: RunContext, outbox: OutboxResult, repaired: RepairResult,
     cleaned: dict, postgres: PostgresResource, settings: ReconciliationSettings, io_manager: dg.ResourceParam[dg.IOManager],
 ):
     """Complete the reconciliation_reports row, materialize the report with metadata and checks, drop the run's files."""

@@ -12,7 +12,7 @@ import pandas as pd
 from reconciliation_pipeline.core import repair as core_repair
 from reconciliation_pipeline.ledger import DriftSummary
 from reconciliation_pipeline.core.diff import EXTRA_IN_MONGO, KINDS, REPAIRABLE_KINDS
-from reconciliation_pipeline.steps import OutboxResult, RepairResult, RunContext
+from reconciliation_pipeline.run.types import OutboxResult, RepairResult, RunContext
 
 ASSET_KEY = dg.AssetKey("reconciliation_report")
 CHECK_UNREPAIRED_DRIFT = "no_unrepaired_drift"

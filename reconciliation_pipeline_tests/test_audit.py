@@ -24,7 +24,7 @@ from alembic import command
 
 from reconciliation_pipeline import audit
 from reconciliation_pipeline.db import alembic_config, create_app_tables, upgrade
-from reconciliation_pipeline.steps import IN_FLIGHT
+from reconciliation_pipeline.run.audit_rows import IN_FLIGHT
 from reconciliation_pipeline.store import postgres as pg_store
 from reconciliation_pipeline_tests.builders import add_client, add_email, creditor, reply
 from reconciliation_pipeline_tests.fault_support import scratch_database

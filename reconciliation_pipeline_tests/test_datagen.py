@@ -10,7 +10,12 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from reconciliation_pipeline import steps
+from reconciliation_pipeline.run import cleanup as cleanup_step
+from reconciliation_pipeline.run import diff as diff_step
+from reconciliation_pipeline.run import extract as extract_step
+from reconciliation_pipeline.run import outbox as outbox_step
+from reconciliation_pipeline.run import repair as repair_step
+from reconciliation_pipeline.run.types import RunContext
 from reconciliation_pipeline.store import postgres as pg_store
 from benchmarks import datagen
 from reconciliation_pipeline_tests.builders import WINDOW_END
@@ -75,33 +80,34 @@ def test_pipeline_steps_find_exactly_the_planted_drift(pg, mongo_db, generated):
     info = generated
     start, end = info["window_start"], info["window_end"]
     report_id = pg_store.open_report(pg, "datagen-test", None, start, end, False)
-    ctx = steps.RunContext(report_id, "datagen-test", None, start, end, False)
+    ctx = RunContext(report_id, "datagen-test", None, start, end, False)
 
     @contextmanager
     def collection():
         yield mongo_db.clients
 
-    outbox = steps.retry_outbox(pg, collection, True, ctx, 200, 500, LOG)
+    outbox = outbox_step.retry_outbox(pg, collection, ctx, mongo_available=True, batch_size=200, mongo_batch_size=500, log=LOG)
     assert outbox.succeeded == info["outbox_deliverable"]
     assert outbox.became_dead == info["outbox_poison"]
     assert outbox.failed == info["outbox_poison"] + info["outbox_undeliverable"]
 
-    emails = steps.extract_postgres(pg, ctx, LOG)
+    emails = extract_step.extract_postgres(pg, ctx, log=LOG)
     assert int(emails["in_window"].sum()) == info["emails_regular"]
-    found = steps.compare(mongo_db.clients, emails, ctx, steps.diff_options(ctx, 0, False), 500, LOG)
+    options = diff_step.diff_options(ctx, tolerance_cents=0, repair_low_confidence=False)
+    found = diff_step.compare(mongo_db.clients, emails, ctx, options=options, batch_size=500, log=LOG)
     kinds = found.findings["kind"].value_counts().to_dict()
     assert kinds == {k: n for k, n in info["planted"].items() if n}
     assert found.records_checked == info["expected_records_checked"]
 
-    repaired = steps.repair(pg, collection, found, ctx, 10_000, 5, 500, LOG)
+    repaired = repair_step.repair(pg, collection, found, ctx, max_repairs=10_000, lock_wait_seconds=5, batch_size=500, log=LOG)
     actions = repaired.findings.loc[repaired.findings["repairable"], "action"].value_counts().to_dict()
     assert actions == {"repaired": info["expected_repairs"]}
-    assert len(findings_of(pg)) == len(repaired.findings)  # steps.repair writes the audit rows itself
-    cleaned = steps.cleanup(pg, 30, 10_000, LOG)
+    assert len(findings_of(pg)) == len(repaired.findings)  # repair writes the audit rows itself
+    cleaned = cleanup_step.cleanup(pg, retention_days=30, batch_size=10_000, log=LOG)
     assert cleaned == {"expired_keys_deleted": info["keys_expired"], "old_outbox_deleted": info["outbox_processed_old"]}
 
     # a second pass finds only what is never repaired automatically
-    again = steps.compare(mongo_db.clients, steps.extract_postgres(pg, ctx, LOG), ctx, steps.diff_options(ctx, 0, False), 500, LOG)
+    again = diff_step.compare(mongo_db.clients, extract_step.extract_postgres(pg, ctx, log=LOG), ctx, options=options, batch_size=500, log=LOG)
     left = again.findings["kind"].value_counts().to_dict()
     assert left == {k: n for k, n in info["planted"].items() if n and k not in datagen.REPAIRABLE}
     assert not again.findings["repairable"].any()
@@ -120,16 +126,18 @@ def findings_of(engine):
 def test_findings_do_not_depend_on_batches_scan_or_shards(pg, mongo_db, generated, batch_size, full_scan_ratio, shards):
     """Same findings and pairs whether documents come by `$in` or one sorted pass, in any batch size and shard count."""
     info = generated
-    ctx = steps.RunContext(0, "batching-test", None, info["window_start"], info["window_end"], True)
-    emails = steps.extract_postgres(pg, ctx, LOG)
-    options = steps.diff_options(ctx, 0, False)
+    ctx = RunContext(0, "batching-test", None, info["window_start"], info["window_end"], True)
+    emails = extract_step.extract_postgres(pg, ctx, log=LOG)
+    options = diff_step.diff_options(ctx, tolerance_cents=0, repair_low_confidence=False)
 
     def keyed(result):
         f = result.findings[["kind", "email_id", "client_id", "pos", "repairable"]].astype(object)
         return sorted((tuple(None if pd.isna(v) else v for v in row) for row in f.itertuples(index=False)), key=repr)
 
-    reference = steps.compare(mongo_db.clients, emails, ctx, options, 10_000, LOG, shards=1, full_scan_ratio=2.0)
-    other = steps.compare(mongo_db.clients, emails, ctx, options, batch_size, LOG, shards=shards, full_scan_ratio=full_scan_ratio)
+    reference = diff_step.compare(mongo_db.clients, emails, ctx, options=options, batch_size=10_000, log=LOG, shards=1, full_scan_ratio=2.0)
+    other = diff_step.compare(
+        mongo_db.clients, emails, ctx, options=options, batch_size=batch_size, log=LOG, shards=shards, full_scan_ratio=full_scan_ratio
+    )
     assert reference.records_checked > 0 and len(reference.findings) > 0
     assert other.records_checked == reference.records_checked
     assert keyed(other) == keyed(reference)

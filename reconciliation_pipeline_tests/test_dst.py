@@ -12,7 +12,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from reconciliation_pipeline import steps
+from reconciliation_pipeline.run.extract import extract_postgres
+from reconciliation_pipeline.run.types import RunContext, window_for
 from reconciliation_pipeline.partitions import hourly_partitions
 from reconciliation_pipeline_tests.builders import add_client, add_email, creditor, findings, reply, reports
 from reconciliation_pipeline_tests.fault_support import NullLog, element
@@ -45,7 +46,7 @@ def keys_of_day(day: date) -> list[str]:
 
 
 def run_windows(keys: list[str], lookback: int = 1) -> list[tuple[datetime, datetime]]:
-    return [steps.window_for(hourly_partitions.time_window_for_partition_key(k).end, lookback) for k in keys]
+    return [window_for(hourly_partitions.time_window_for_partition_key(k).end, lookback) for k in keys]
 
 
 @pytest.mark.parametrize("day", list(DAYS))
@@ -118,8 +119,8 @@ def test_windows_select_each_minute_once_through_the_postgres_extract(pg):
     seen: dict[int, list[str]] = {}
     for key in keys_of_day(day):
         start, end = run_windows([key])[0]
-        ctx = steps.RunContext(0, "dst", key, start, end, False)
-        emails = steps.extract_postgres(pg, ctx, NullLog())
+        ctx = RunContext(0, "dst", key, start, end, False)
+        emails = extract_postgres(pg, ctx, log=NullLog())
         for email_id in emails.loc[emails["in_window"], "email_id"]:
             seen.setdefault(int(email_id), []).append(key)
     assert set(seen) == set(ids)

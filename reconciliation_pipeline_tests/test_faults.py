@@ -27,7 +27,7 @@ import sqlalchemy as sa
 
 from reconciliation_pipeline import faults
 from reconciliation_pipeline.resources import MongoResource, PostgresResource
-from reconciliation_pipeline.steps import IN_FLIGHT
+from reconciliation_pipeline.run.audit_rows import IN_FLIGHT
 from reconciliation_pipeline.store.postgres import MONGO_WRITER_LOCK
 from reconciliation_pipeline_tests.builders import (
     PARTITION, WINDOW_END, add_client, add_email, add_key, add_outbox, creditor, reply,

@@ -17,7 +17,7 @@ from bson.tz_util import utc as bson_utc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reconciliation_pipeline import steps
+from reconciliation_pipeline.run.types import DiffResult, MongoShard, OutboxResult, RunContext
 from reconciliation_pipeline.io_managers import RUN_FILES_DIR, read_value, write_value
 from reconciliation_pipeline_tests.builders import PARTITION
 from reconciliation_pipeline_tests.e2e_support import (
@@ -48,28 +48,28 @@ def frame():
 
 @pytest.mark.parametrize("value", [
     {"expired_keys_deleted": 3, "old_outbox_deleted": 0},
-    steps.OutboxResult(retried=2, succeeded=1, failed=1, note="n"),
-    steps.RunContext(1, "run", PARTITION, datetime(2026, 11, 28, 8, tzinfo=timezone.utc), datetime(2026, 11, 28, 10, tzinfo=timezone.utc), False),
+    OutboxResult(retried=2, succeeded=1, failed=1, note="n"),
+    RunContext(1, "run", PARTITION, datetime(2026, 11, 28, 8, tzinfo=timezone.utc), datetime(2026, 11, 28, 10, tzinfo=timezone.utc), False),
     {"t": (1, "x"), "f": frozenset({"a"}), 3: [1.5, float("inf"), None]},
 ], ids=["dict", "outbox", "run_context", "nested"])
 def test_values_round_trip(value, tmp_path):
     back = roundtrip(value, tmp_path)
     assert back == value and type(back) is type(value)
-    if isinstance(value, steps.RunContext):
+    if isinstance(value, RunContext):
         assert back.window_start.tzinfo is timezone.utc
 
 
 def test_frames_and_dataclasses_with_frames_and_documents_round_trip(tmp_path):
     docs = [{"_id": ObjectId(), "aktenzeichen": "542900", "at": datetime(2026, 1, 1, tzinfo=bson_utc),
              "amount": Decimal128("1.10"), "final_creditor_list": [{"sender_email": "x@y.de", "n": 2**40}]}]
-    shard = steps.MongoShard(0, 2, frame(), ("542900",), docs, named_keys=frozenset({"mueller"}))
+    shard = MongoShard(0, 2, frame(), ("542900",), docs, named_keys=frozenset({"mueller"}))
     back = roundtrip(shard, tmp_path)
     pd.testing.assert_frame_equal(back.emails, shard.emails, check_exact=True)
     assert [type(v) for v in back.emails["mixed_missing"]] == [type(None), float, type(pd.NA)]
     assert back.named_documents == docs
     assert [type(v) for v in back.named_documents[0].values()] == [type(v) for v in docs[0].values()]
     assert (back.aktenzeichen, back.named_keys, back.full_scan) == (shard.aktenzeichen, shard.named_keys, False)
-    diff = steps.DiffResult(frame().iloc[:0], 0, True)
+    diff = DiffResult(frame().iloc[:0], 0, True)
     pd.testing.assert_frame_equal(roundtrip(diff, tmp_path).findings, diff.findings)
 
 

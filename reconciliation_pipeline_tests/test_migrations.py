@@ -8,7 +8,7 @@ from alembic import command
 
 from reconciliation_pipeline import schema
 from reconciliation_pipeline.db import alembic_config, create_app_tables, upgrade
-from reconciliation_pipeline.steps import IN_FLIGHT
+from reconciliation_pipeline.run.audit_rows import IN_FLIGHT
 from reconciliation_pipeline_tests.fault_support import scratch_database
 
 
@@ -42,7 +42,7 @@ def test_migrations_match_schema_and_0003_goes_down_and_up(pg_url):
             for table in schema.metadata.sorted_tables:
                 assert _columns(engine, table.name) == _declared(engine, table), table.name
             indexes = {i["name"]: i for i in sa.inspect(engine).get_indexes("reconciliation_findings")}
-            # the migration keeps its own copy of steps.IN_FLIGHT: the partial index must name the text the code writes
+            # the migration keeps its own copy of run.audit_rows.IN_FLIGHT: the partial index must name the text the code writes
             assert IN_FLIGHT in str(indexes["ix_recon_findings_unverified"]["dialect_options"]["postgresql_where"])
             with engine.connect() as conn:
                 old = conn.execute(sa.text("SELECT creditor_pos, error FROM reconciliation_findings")).one()

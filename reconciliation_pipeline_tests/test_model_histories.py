@@ -49,7 +49,7 @@ from reconciliation_pipeline.io_managers import RunFilesIOManager
 from reconciliation_pipeline.ops import LOOKBACK_TAG
 from reconciliation_pipeline.resources import MongoResource, PostgresResource, ReconciliationSettings
 from reconciliation_pipeline.schema import idempotency_keys, incoming_emails, outbox_messages
-from reconciliation_pipeline.steps import IN_FLIGHT
+from reconciliation_pipeline.run.audit_rows import IN_FLIGHT
 from reconciliation_pipeline_tests.fault_support import (
     FORWARD_THEN_CUT,
     CutRule,

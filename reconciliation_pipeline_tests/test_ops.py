@@ -6,7 +6,8 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from reconciliation_pipeline import ops, steps
+from reconciliation_pipeline import ops
+from reconciliation_pipeline.run.types import OutboxResult
 from reconciliation_pipeline.report import build_report
 from reconciliation_pipeline.resources import ReconciliationSettings
 from reconciliation_pipeline.store.postgres import finish_report
@@ -39,7 +40,7 @@ def test_extract_diff_and_report_ops(resources, pg, mongo_db):
     add_email(pg, from_email=SPARKASSE, extracted=reply(amount=12.5))
     ctx = context(resources)
     run = ops.open_report(ctx)
-    outbox = steps.OutboxResult()
+    outbox = OutboxResult()
     emails = ops.extract_postgres(ctx, run, outbox)
     assert isinstance(emails, pd.DataFrame) and emails["in_window"].sum() == 1
     [shard] = [o.value for o in ops.route_emails(ctx, emails)]

@@ -7,7 +7,10 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
-from reconciliation_pipeline import steps
+from reconciliation_pipeline.run import diff as diff_step
+from reconciliation_pipeline.run import extract as extract_step
+from reconciliation_pipeline.run import repair as repair_step
+from reconciliation_pipeline.run.types import RunContext, window_for
 from reconciliation_pipeline.resources import MongoResource
 from reconciliation_pipeline_tests.builders import (
     IN_WINDOW, WINDOW_END, add_client, add_email, add_key, add_outbox, creditor, findings, reply, reports,
@@ -166,17 +169,20 @@ def test_concurrent_application_write_wins(pg, mongo_db, resources):
     """The application writes between the pipeline's read and its write: its value survives."""
     add_client(mongo_db, "542900", [creditor(SPARKASSE, 1.0)])
     add_email(pg, from_email=SPARKASSE, extracted=reply(amount=100))
-    start, end = steps.window_for(WINDOW_END, 48)
+    start, end = window_for(WINDOW_END, 48)
     with pg.begin() as conn:
         report_id = conn.execute(sa.text("INSERT INTO reconciliation_reports (run_id) VALUES ('t') RETURNING id")).scalar_one()
-    ctx = steps.RunContext(report_id, "t", None, start, end, False)
+    ctx = RunContext(report_id, "t", None, start, end, False)
     log = _Log()
-    emails = steps.extract_postgres(pg, ctx, log)
+    emails = extract_step.extract_postgres(pg, ctx, log=log)
     with resources["mongo"].get_clients_collection() as collection:
-        diff = steps.compare(collection, emails, ctx, steps.diff_options(ctx, 0, False), 100, log)
+        options = diff_step.diff_options(ctx, tolerance_cents=0, repair_low_confidence=False)
+        diff = diff_step.compare(collection, emails, ctx, options=options, batch_size=100, log=log)
     mongo_db.clients.update_one({"aktenzeichen": "542900"}, {"$set": {"final_creditor_list.0.creditor_response_amount": 777.0}}) \
         if False else _application_write(mongo_db, 777.0)
-    result = steps.repair(pg, resources["mongo"].get_clients_collection, diff, ctx, 1000, 5, 100, log)
+    result = repair_step.repair(
+        pg, resources["mongo"].get_clients_collection, diff, ctx, max_repairs=1000, lock_wait_seconds=5, batch_size=100, log=log
+    )
     assert list(result.findings["action"]) == ["skipped_concurrent_change"]
     assert amounts(mongo_db) == [777.0]
 
@@ -200,7 +206,7 @@ def test_crash_leaves_a_failed_report(pg, mongo_db, reconcile, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("simulated crash in the diff")
 
-    monkeypatch.setattr(steps, "compare_shard", boom)
+    monkeypatch.setattr(diff_step, "compare_shard", boom)
     result = reconcile(raise_on_error=False)
     assert not result.success
     [report] = reports(pg)

@@ -10,8 +10,6 @@ import pandas as pd
 
 from reconciliation_pipeline.core import kernel
 from reconciliation_pipeline.core.matching import client_reason, coded, creditor_reason, decoded, match_rows
-# steps.py (being split by the lead) calls these through this module; new code imports core.matching.
-from reconciliation_pipeline.core.matching import match, match_clients  # noqa: F401
 
 # Kinds of finding (RULES.md section 3) plus the outbox audit kind.
 DATA_MISMATCH = "data_mismatch"

@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from reconciliation_pipeline import audit, ledger
 from reconciliation_pipeline.core.frames import EMAIL_COLUMNS, TYPED_COLUMNS, prepare_emails
-from reconciliation_pipeline.schema import reconciliation_findings, reconciliation_reports
+from reconciliation_pipeline.schema import reconciliation_reports
 
 # extracted_data is `json`: PostgreSQL splits it into typed fields (json_typeof, ->>) in C, except
 # for rows whose text holds a \u0000 escape, on which any `->` raises: those come back as text and

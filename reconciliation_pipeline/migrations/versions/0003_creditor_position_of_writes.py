@@ -11,7 +11,7 @@ down_revision = "0002"
 branch_labels = None
 depends_on = None
 
-# steps.IN_FLIGHT: the audit rows of writes whose run ended before the read-back
+# run.audit_rows.IN_FLIGHT: the audit rows of writes whose run ended before the read-back
 IN_FLIGHT = "write sent, not verified: the run ended before the read-back"
 
 
