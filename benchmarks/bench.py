@@ -409,7 +409,8 @@ def child_run(args: argparse.Namespace) -> int:
         )
     with step("compare"):
         found = diff_step.merge_diffs(
-            [diff_step.compare_shard(collection, shard, ctx, options=options, batch_size=keys_per_query, log=log) for shard in shards]
+            [diff_step.diff_shard(shard, extract_step.extract_mongo(collection, shard, ctx, batch_size=keys_per_query, log=log),
+                                  options=options, log=log) for shard in shards]
         )
     del shards
     with step("repair"):
