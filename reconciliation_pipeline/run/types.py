@@ -88,36 +88,6 @@ class MongoShard:
     error: str | None = None
 
 
-ROUTED, REST, UNSEEN = "routed", "rest", "unseen"  # the parts of a MongoExtract
-
-
-@dataclass
-class MongoExtract:
-    """One shard's client documents as narrow frames, in the parts the diff compares one at a time.
-
-    Parts, in read order: `routed` (a batch read by aktenzeichen, compared with the emails routed to
-    its `keys`), one `rest` (the documents found by name or held back by the full pass, compared with
-    the emails no batch took; only the extras of `owned` documents are judged there) and `unseen`
-    (documents with an answer in the window that no email names: their extras only). Every row of
-    `clients` and `elements` carries its part number.
-    """
-
-    shard: int
-    clients: pd.DataFrame
-    elements: pd.DataFrame
-    parts: pd.DataFrame  # part, kind, has_documents
-    keys: pd.DataFrame  # part, route: the route keys of each routed part
-    owned: pd.DataFrame  # client_id: the documents whose extras the rest part judges
-    available: bool = True
-    error: str | None = None
-
-    @classmethod
-    def skipped(cls, shard: int, error: str | None) -> MongoExtract:
-        """Nothing read: MongoDB was unreachable."""
-        empty = pd.DataFrame()
-        return cls(shard, empty, empty, empty, empty, empty, available=False, error=error)
-
-
 @dataclass
 class RepairResult:
     """Findings with their action and audit columns, and whether the budget halted repairs."""
