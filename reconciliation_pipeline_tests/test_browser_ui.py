@@ -432,10 +432,12 @@ def test_operator_sees_a_day_of_drift_and_backfills_three_hours(history_ui, page
         title = visible(page, "mismatches_found", exact=True)
         canvas = title.locator("xpath=ancestor::*[.//canvas][1]").locator("canvas").first
         canvas.wait_for(state="visible")
-        time.sleep(1.5)  # the chart animates in
+        # the chart animates in (slowly on a loaded machine): wait for the line, up to 20 s
+        deadline = time.monotonic() + 20
+        while (line_columns := canvas.evaluate(LINE_PIXELS_JS)) < 20 and time.monotonic() < deadline:
+            time.sleep(0.5)
         history_shot(page, "01_plots")
         canvas.screenshot(path=str(HISTORY_ARTIFACTS / "01b_plot_mismatches_found.png"))
-        line_columns = canvas.evaluate(LINE_PIXELS_JS)
         assert line_columns >= 20, f"the mismatches_found plot draws {line_columns} pixel columns: a dot, not a line"
         found = {h.partition: h.report["mismatches_found"] for h in results}
         assert len(set(found.values())) >= 3, found  # what the line plots: at least 3 different points
