@@ -383,7 +383,7 @@ def child_run(args: argparse.Namespace) -> int:
               f"{c['mongo_server_cpu'] or 0:.2f}s, PostgreSQL CPU {c['pg_backend_cpu']:.2f}s)", file=sys.stderr, flush=True)
     with engine.connect() as conn:
         report = conn.execute(sa.text(
-            "SELECT records_checked, mismatches_found, auto_repaired, details FROM reconciliation_reports WHERE id = :r"
+            "SELECT records_checked, details FROM reconciliation_reports WHERE id = :r"
         ), {"r": ran["report_id"]}).mappings().one()
     details = report["details"] or {}
     by_kind, by_action = details.get("by_kind", {}), details.get("by_action", {})
@@ -444,7 +444,7 @@ def child_run(args: argparse.Namespace) -> int:
         "counts": {k: v for k, v in meta.items() if isinstance(v, int) and not isinstance(v, bool)},
         "outbox": {"retried": meta.get("outbox_retried", 0), "succeeded": meta.get("outbox_succeeded", 0),
                    "failed": meta.get("outbox_failed", 0), "deferred": meta.get("outbox_deferred", 0),
-                   "dead": meta.get("outbox_dead", 0), "became_dead": meta.get("outbox_dead", 0)},
+                   "dead": meta.get("outbox_dead", 0)},
         "mongo_commands": {k: dict(v) for k, v in commands.items()},
         "repair_writes": {
             "update_statements": len(repair_updates),
@@ -583,11 +583,10 @@ def print_table(res: dict[str, Any]) -> None:
             note = ""
             if name == "extract_postgres":
                 note = f"{sec / fpg:.2f}x the PostgreSQL floor, {p['rows']['emails_read']:,} rows"
-            elif name in ("extract_mongo", "compare_shard"):
+            elif name == "compare_shard":
                 cmds = p["mongo_commands"].get(name, {})
-                note = f"{sec / fmo:.2f}x the MongoDB floor; {cmds.get('find', 0)} find + {cmds.get('getMore', 0)} getMore"
-            elif name == "diff":
-                note = f"{p['rows']['records_checked']:,} pairs, {sum(p['findings_by_kind'].values()):,} findings"
+                note = (f"{sec / fmo:.2f}x the MongoDB floor; {cmds.get('find', 0)} find + {cmds.get('getMore', 0)} getMore; "
+                        f"{p['rows']['records_checked']:,} pairs, {sum(p['findings_by_kind'].values()):,} findings")
             elif name == "route_emails":
                 cmds = p["mongo_commands"].get("route_emails", {})
                 note = f"name lookups for emails without aktenzeichen: {cmds.get('find', 0)} find + {cmds.get('getMore', 0)} getMore"
