@@ -21,6 +21,7 @@ from reconciliation_pipeline.db import create_app_tables, upgrade
 from reconciliation_pipeline.io_managers import RunFilesIOManager
 from reconciliation_pipeline.resources import MongoResource, PostgresResource, ReconciliationSettings
 from reconciliation_pipeline_tests.builders import PARTITION
+from reconciliation_pipeline_tests.support import DATA_TABLES, cli_env, sqlite_home
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICE_VARS = ("RECON_POSTGRES_URL", "RECON_MONGO_URI", "RECON_MONGO_DB", "DAGSTER_HOME", "DAGSTER_POSTGRES_URL")
@@ -71,8 +72,7 @@ def pg(pg_engine: sa.Engine) -> sa.Engine:
     """The session database, emptied before the test."""
     with pg_engine.begin() as conn:
         conn.execute(sa.text(
-            "TRUNCATE incoming_emails, outbox_messages, idempotency_keys, reconciliation_findings, reconciliation_audit_checkpoints, "
-            "reconciliation_reports RESTART IDENTITY CASCADE"
+            f"TRUNCATE {DATA_TABLES} RESTART IDENTITY CASCADE"
         ))
     return pg_engine
 
@@ -91,6 +91,19 @@ def mongo_db(mongo_client: MongoClient) -> Iterator[Any]:
     name = f"recon_test_{uuid.uuid4().hex[:10]}"
     yield mongo_client[name]
     mongo_client.drop_database(name)
+
+
+@pytest.fixture
+def sqlite_dagster_home(tmp_path: Path) -> Path:
+    """A DAGSTER_HOME with sqlite storage for the test's CLI runs."""
+    return sqlite_home(tmp_path / "dagster_home")
+
+
+@pytest.fixture
+def run_env(pg: sa.Engine, pg_url: str, mongo_db: Any, service_env: dict[str, str], sqlite_dagster_home: Path) -> dict[str, str]:
+    """The environment of a CLI run against the test's databases and `sqlite_dagster_home`."""
+    return cli_env(pg_url=pg_url, mongo_uri=service_env["RECON_MONGO_URI"], mongo_db=mongo_db.name,
+                   dagster_home=sqlite_dagster_home)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from reconciliation_pipeline import alerts
 from reconciliation_pipeline.assets import reconciliation_report
 from reconciliation_pipeline.resources import MongoResource, PostgresResource, ReconciliationSettings
 from reconciliation_pipeline.sensors import reconciliation_alert_sensor
-from reconciliation_pipeline_tests.alert_support import SMTP_PASSWORD, SmtpServer, WebhookReceiver, smtp_server, webhook_receiver
+from reconciliation_pipeline_tests.support.alerts import SMTP_PASSWORD, SmtpServer, WebhookReceiver, smtp_server, webhook_receiver
 from reconciliation_pipeline_tests.builders import PARTITION, add_client, add_email, add_outbox, creditor, reply
 
 SPARKASSE = "forderungen@sparkasse-bochum.de"

@@ -12,10 +12,10 @@ from dagster._core.scheduler.instigation import InstigatorType
 import pytest
 
 from reconciliation_pipeline import alerts
-from reconciliation_pipeline_tests.alert_support import webhook_receiver
+from reconciliation_pipeline_tests.support.alerts import webhook_receiver
 from reconciliation_pipeline_tests.builders import PARTITION, add_email, reply
-from reconciliation_pipeline_tests.e2e_support import (
-    DEFS_MODULE, JOB, Daemon, describe, report_rows, run_cli, subprocess_env, wait_until, write_sqlite_home,
+from reconciliation_pipeline_tests.support import (
+    DEFS_MODULE, cli_env, Daemon, execute_args, report_rows, run_cli, sqlite_home, wait_until,
 )
 
 pytestmark = pytest.mark.e2e
@@ -32,12 +32,12 @@ def sensor_cursor(instance: dg.DagsterInstance) -> str | None:
 
 def test_daemon_runs_the_alert_sensor_and_posts_new_drift_once(pg, pg_url, mongo_db, service_env, tmp_path):
     with webhook_receiver() as receiver:
-        home = write_sqlite_home(tmp_path / "dagster_home")
-        env = subprocess_env(pg_url=pg_url, mongo_uri=service_env["RECON_MONGO_URI"], mongo_db=mongo_db.name,
+        home = sqlite_home(tmp_path / "dagster_home")
+        env = cli_env(pg_url=pg_url, mongo_uri=service_env["RECON_MONGO_URI"], mongo_db=mongo_db.name,
                              dagster_home=home)
         env.update({alerts.ENV_WEBHOOK_URL: receiver.url, alerts.ENV_UI_BASE_URL: UI})
         stopped = run_cli(["schedule", "stop", "reconciliation_hourly_schedule", "-m", DEFS_MODULE], env, timeout=180)
-        assert stopped.returncode == 0, describe(stopped)
+        assert stopped.returncode == 0, stopped.describe()
         daemon = Daemon(env, tmp_path / "daemon.log")
         try:
             with dg.DagsterInstance.from_config(str(home)) as instance:
@@ -46,9 +46,8 @@ def test_daemon_runs_the_alert_sensor_and_posts_new_drift_once(pg, pg_url, mongo
                            on_timeout=daemon.log)
                 assert receiver.bodies == []
                 add_email(pg, from_email="inkasso@example.de", extracted=reply(az="999999", amount=10.0, name="Nobody, No"))
-                run = run_cli(["job", "execute", "-m", DEFS_MODULE, "-j", JOB,
-                               "--tags", json.dumps({"dagster/partition": PARTITION})], env, timeout=300)
-                assert run.returncode == 0, describe(run)
+                run = run_cli(execute_args(PARTITION), env, timeout=300)
+                assert run.returncode == 0, run.describe()
                 [report] = report_rows(pg)
                 # the next tick (minimum_interval_seconds=60) sends it
                 bodies = receiver.wait_for(1, timeout=150)
@@ -69,9 +68,8 @@ def test_daemon_runs_the_alert_sensor_and_posts_new_drift_once(pg, pg_url, mongo
                 daemon.stop()
                 daemon = Daemon(env, tmp_path / "daemon_restarted.log")
                 add_email(pg, from_email="inkasso-2@example.de", extracted=reply(az="888888", amount=10.0, name="Nobody, No"))
-                run = run_cli(["job", "execute", "-m", DEFS_MODULE, "-j", JOB,
-                               "--tags", json.dumps({"dagster/partition": PARTITION})], env, timeout=300)
-                assert run.returncode == 0, describe(run)
+                run = run_cli(execute_args(PARTITION), env, timeout=300)
+                assert run.returncode == 0, run.describe()
                 bodies = receiver.wait_for(sent + 1, timeout=150)
                 time.sleep(3)
                 assert daemon.alive, daemon.log()

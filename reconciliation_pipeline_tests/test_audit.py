@@ -27,7 +27,7 @@ from reconciliation_pipeline.db import alembic_config, create_app_tables, upgrad
 from reconciliation_pipeline.run.audit_rows import IN_FLIGHT
 from reconciliation_pipeline.store import postgres as pg_store
 from reconciliation_pipeline_tests.builders import add_client, add_email, creditor, reply
-from reconciliation_pipeline_tests.fault_support import scratch_database
+from reconciliation_pipeline_tests.support import scratch_database
 
 SENDER = "forderungen@sparkasse-bochum.de"
 

@@ -37,7 +37,7 @@ from playwright.sync_api import sync_playwright
 from reconciliation_pipeline import demo, ledger
 from reconciliation_pipeline.partitions import hourly_partitions
 from reconciliation_pipeline.report import TABLE_COLUMNS, TABLE_ROWS
-from reconciliation_pipeline_tests import ui_support as ui
+from reconciliation_pipeline_tests.support import ASSET, JOB, cli_env, postgres_home, scratch_database, ui
 
 CHROMIUM = ui.chromium_path()
 
@@ -86,9 +86,9 @@ def artifacts() -> Path:
 def dagster_ui(demo_drift, pg_url: str, mongo_db: Any, service_env: dict[str, str], tmp_path: Path,
                artifacts: Path) -> Iterator[ui.DagsterDev]:
     """`dagster dev` on a free loopback port over the test's databases, with its own PostgreSQL storage."""
-    with ui.dagster_storage_database(service_env) as storage_url:
-        home = ui.write_dagster_home(tmp_path / "dagster_home")
-        env = ui.dev_env(pg_url=pg_url, mongo_uri=service_env["RECON_MONGO_URI"], mongo_db=mongo_db.name,
+    with scratch_database(service_env.get("DAGSTER_POSTGRES_URL") or service_env["RECON_POSTGRES_URL"]) as storage_url:
+        home = postgres_home(tmp_path / "dagster_home")
+        env = cli_env(pg_url=pg_url, mongo_uri=service_env["RECON_MONGO_URI"], mongo_db=mongo_db.name,
                          dagster_home=home, dagster_postgres_url=storage_url)
         dev = ui.start_dagster_dev(env, artifacts / "dagster_dev.log", timeout=120)
         try:
@@ -188,7 +188,7 @@ def finding_cells(engine: sa.Engine, report_id: int) -> list[dict[str, str]]:
 
 def launch_from_launchpad(page, base_url: str, repo_address: str) -> str:
     """Jobs -> reconciliation_job -> launchpad: pick the partition, "Launch Run"; returns the new run's id."""
-    page.goto(f"{base_url}/locations/{repo_address}/jobs/{ui.JOB}/playground")
+    page.goto(f"{base_url}/locations/{repo_address}/jobs/{JOB}/playground")
     partition_input = page.get_by_placeholder("Partition")
     partition_input.wait_for(state="visible")
     # The picker loads the ~17k partition keys asynchronously and may drop what is typed before
@@ -236,7 +236,7 @@ def test_operator_launches_a_partition_and_reads_run_and_report(dagster_ui: ui.D
         assert status == "SUCCESS", f"run {run_id}: {status}\n{ui.run_failure_events(base, run_id)}"
         [run] = ui.runs(base)
         tags = {t["key"]: t["value"] for t in run["tags"]}
-        assert (run["runId"], run["jobName"]) == (run_id, ui.JOB)
+        assert (run["runId"], run["jobName"]) == (run_id, JOB)
         assert tags.get("dagster/partition") == PARTITION and tags.get("reconciliation/mongo-writer") == "1", tags
         report = report_row(pg)
         assert report["status"] == "completed" and report["run_id"] == run_id, report
@@ -278,7 +278,7 @@ def check_run_page(page, base_url: str, run_id: str, report: dict) -> None:
 
 
 def check_asset_pages(page, base_url: str, report: dict, findings: list[dict[str, str]]) -> None:
-    asset_url = f"{base_url}/assets/{ui.ASSET}"
+    asset_url = f"{base_url}/assets/{ASSET}"
     page.set_viewport_size({"width": 1920, "height": 1200})
 
     # 1. Overview: the latest materialization is the partition's, with its metadata
@@ -375,9 +375,9 @@ def history_ui(pg: sa.Engine, pg_url: str, mongo_db: Any, service_env: dict[str,
     HISTORY_ARTIFACTS.mkdir(parents=True, exist_ok=True)
     for old in HISTORY_ARTIFACTS.glob("*.png"):
         old.unlink()
-    with ui.dagster_storage_database(service_env) as storage_url:
-        home = ui.write_dagster_home(tmp_path / "dagster_home")
-        env = ui.dev_env(pg_url=pg_url, mongo_uri=service_env["RECON_MONGO_URI"], mongo_db=mongo_db.name,
+    with scratch_database(service_env.get("DAGSTER_POSTGRES_URL") or service_env["RECON_POSTGRES_URL"]) as storage_url:
+        home = postgres_home(tmp_path / "dagster_home")
+        env = cli_env(pg_url=pg_url, mongo_uri=service_env["RECON_MONGO_URI"], mongo_db=mongo_db.name,
                          dagster_home=home, dagster_postgres_url=storage_url)
         for name in ("RECON_POSTGRES_URL", "RECON_MONGO_URI", "RECON_MONGO_DB", "DAGSTER_HOME", "DAGSTER_POSTGRES_URL"):
             monkeypatch.setenv(name, env[name])
@@ -423,7 +423,7 @@ def test_operator_sees_a_day_of_drift_and_backfills_three_hours(history_ui, page
     ui.set_nux_seen(base)
     repository, location = ui.job_location(base)
     assert ui.stop_schedule(base, repository, location) == "STOPPED"
-    asset_url = f"{base}/assets/{ui.ASSET}"
+    asset_url = f"{base}/assets/{ASSET}"
     latest = results[-1]
     try:
         # 1. the plots: every count over the 24 partitions (a line, not a dot)

@@ -24,9 +24,9 @@ import sqlalchemy as sa
 
 from benchmarks import datagen
 from reconciliation_pipeline_tests.builders import PARTITION, WINDOW_END
-from reconciliation_pipeline_tests.e2e_support import (
-    DAGSTER, DEFS_MODULE, REPO, dagster_storage_database, describe, finding_rows, kill_group, report_rows, run_cli,
-    subprocess_env, wait_until, write_postgres_home,
+from reconciliation_pipeline_tests.support import (
+    free_port, REPO, cli_env, execute_args, finding_rows, kill_group, postgres_home, report_rows, run_cli, scratch_database,
+    wait_until,
 )
 
 CELERY_JOB = "reconciliation_celery_job"
@@ -116,9 +116,9 @@ def test_celery_job_runs_the_shards_on_the_workers_and_matches_an_in_process_run
     worker_yaml = tmp_path / "worker.yaml"
     worker_yaml.write_text(json.dumps({"execution": {"config": {"broker": {"env": "RECON_CELERY_BROKER_URL"}, "backend": backend,
                                                                 "config_source": {"task_default_queue": queue}}}}))
-    with dagster_storage_database(pg_url) as dagster_url:
-        home, _ = write_postgres_home(tmp_path / "dagster_home")
-        env = subprocess_env(pg_url=pg_url, mongo_uri=service_env["RECON_MONGO_URI"], mongo_db=mongo_db.name,
+    with scratch_database(pg_url) as dagster_url:
+        home = postgres_home(tmp_path / "dagster_home")
+        env = cli_env(pg_url=pg_url, mongo_uri=service_env["RECON_MONGO_URI"], mongo_db=mongo_db.name,
                              dagster_home=home, dagster_postgres_url=dagster_url)
         env["RECON_CELERY_BROKER_URL"] = broker
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])  # `celery` of this venv
@@ -127,9 +127,8 @@ def test_celery_job_runs_the_shards_on_the_workers_and_matches_an_in_process_run
         _load(pg, mongo_db)
         settings_only = tmp_path / "settings.yaml"
         settings_only.write_text(json.dumps({"resources": _settings(queue, backend)["resources"]}))
-        ref = run_cli(["job", "execute", "-m", DEFS_MODULE, "-j", "reconciliation_job", "-c", str(settings_only),
-                       "--tags", json.dumps({"dagster/partition": PARTITION})], env, timeout=300)
-        assert ref.returncode == 0, describe(ref)
+        ref = run_cli(execute_args(PARTITION, settings_only), env, timeout=300)
+        assert ref.returncode == 0, ref.describe()
         ref_report = report_rows(pg)[-1]
         ref_findings = _comparable_findings(pg, ref_report["id"])
         ref_state = _mongo_state(mongo_db)
@@ -152,12 +151,11 @@ def test_celery_job_runs_the_shards_on_the_workers_and_matches_an_in_process_run
                        what="both Celery workers ready",
                        on_timeout=lambda: "\n".join((tmp_path / f"worker{n}.log").read_text()[-3000:] for n in (1, 2)))
             launched: dict[str, int] = {}
-            result = run_cli(["job", "execute", "-m", DEFS_MODULE, "-j", CELERY_JOB, "-c", str(run_config),
-                              "--tags", json.dumps({"dagster/partition": PARTITION})], env, timeout=600,
+            result = run_cli(execute_args(PARTITION, run_config, job=CELERY_JOB), env, timeout=600,
                              watch=lambda pid: (launched.setdefault("pid", pid), lambda: None)[1])
             worker_pids = _descendants(workers)
 
-            assert result.returncode == 0, describe(result) + "\n".join((tmp_path / f"worker{n}.log").read_text()[-5000:] for n in (1, 2))
+            assert result.returncode == 0, result.describe() + "\n".join((tmp_path / f"worker{n}.log").read_text()[-5000:] for n in (1, 2))
         finally:
             for proc in workers:
                 kill_group(proc, grace=15)
@@ -199,9 +197,7 @@ def test_celery_job_runs_the_shards_on_the_workers_and_matches_an_in_process_run
 @pytest.mark.parametrize("ci, outcome", [("true", "1 error"), ("", "1 skipped")])
 def test_without_a_broker_the_celery_test_fails_in_ci_and_skips_locally(ci: str, outcome: str, service_env: dict[str, str]) -> None:
     """The two-worker test above, run by pytest against a broker URL nothing listens on: CI=true fails the run."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again when the block ends
+    port = free_port()  # nothing listens there
     env = {**os.environ, **service_env, "RECON_CELERY_BROKER_URL": f"amqp://guest:guest@127.0.0.1:{port}//", "CI": ci}
     test = f"{Path(__file__).resolve()}::test_celery_job_runs_the_shards_on_the_workers_and_matches_an_in_process_run"
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rsE", "-p", "no:cacheprovider", "-p", "no:logging", test],

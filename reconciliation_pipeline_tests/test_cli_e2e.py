@@ -9,11 +9,9 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -21,10 +19,10 @@ import pytest
 import sqlalchemy as sa
 
 from reconciliation_pipeline_tests.builders import IN_WINDOW, PARTITION, WINDOW_END, add_client, add_email, creditor, reply
-from reconciliation_pipeline_tests.e2e_support import (
-    CHECK_NAMES, DEFS_MODULE, JOB, Daemon, amounts, check_evaluations, dagster_storage_database, describe,
+from reconciliation_pipeline_tests.support import (
+    execute_args, CHECK_NAMES, DEFS_MODULE, JOB, Daemon, amounts, check_evaluations, scratch_database,
     finding_rows, job_runs, materializations, mongo_snapshot, partition_end_utc, report_rows, run_cli, run_debug,
-    subprocess_env, wait_until, write_postgres_home, write_run_config, write_sqlite_home,
+    cli_env, wait_until, postgres_home, write_config,
 )
 
 pytestmark = pytest.mark.e2e
@@ -37,8 +35,7 @@ NUMERIC_METADATA = ("records_checked", "mismatches_found", "auto_repaired", "fai
 
 
 def execute_partition(env: dict[str, str], partition: str, *extra: str) -> Any:
-    return run_cli(["job", "execute", "-m", DEFS_MODULE, "-j", JOB,
-                    "--tags", json.dumps({"dagster/partition": partition}), *extra], env, timeout=300)
+    return run_cli([*execute_args(partition), *extra], env, timeout=300)
 
 
 def seed_mismatch_and_missing(pg: sa.Engine, mongo_db: Any, at=IN_WINDOW) -> dict[tuple[str, str], Any]:
@@ -53,29 +50,18 @@ def seed_mismatch_and_missing(pg: sa.Engine, mongo_db: Any, at=IN_WINDOW) -> dic
     return {("542900", SPARKASSE): 1234.56, ("542900", TELEKOM): 250.0}
 
 
-@pytest.fixture
-def sqlite_home(tmp_path: Path) -> Path:
-    return write_sqlite_home(tmp_path / "dagster_home")
-
-
-@pytest.fixture
-def cli_env(pg: sa.Engine, pg_url: str, mongo_db: Any, service_env: dict[str, str], sqlite_home: Path) -> dict[str, str]:
-    return subprocess_env(pg_url=pg_url, mongo_uri=service_env["RECON_MONGO_URI"], mongo_db=mongo_db.name,
-                          dagster_home=sqlite_home)
-
-
 # ------------------------------------------------------------------------------------------- a
 
 
-def test_job_execute_repairs_reports_materializes_and_is_idempotent(pg, mongo_db, cli_env, sqlite_home):
+def test_job_execute_repairs_reports_materializes_and_is_idempotent(pg, mongo_db, run_env, sqlite_dagster_home):
     expected = seed_mismatch_and_missing(pg, mongo_db)
     assert amounts(mongo_db) != expected
 
-    first = execute_partition(cli_env, PARTITION)
-    assert first.returncode == 0, describe(first)
+    first = execute_partition(run_env, PARTITION)
+    assert first.returncode == 0, first.describe()
 
     # PostgreSQL: exactly one completed report for the partition, run by this Dagster run
-    with dg.DagsterInstance.from_config(str(sqlite_home)) as instance:
+    with dg.DagsterInstance.from_config(str(sqlite_dagster_home)) as instance:
         runs = job_runs(instance)
         assert len(runs) == 1, run_debug(instance)
         run = runs[0]
@@ -120,9 +106,9 @@ def test_job_execute_repairs_reports_materializes_and_is_idempotent(pg, mongo_db
     after_first = mongo_snapshot(mongo_db)
 
     # Second run of the same partition: a new report, nothing found, nothing written
-    second = execute_partition(cli_env, PARTITION)
-    assert second.returncode == 0, describe(second)
-    with dg.DagsterInstance.from_config(str(sqlite_home)) as instance:
+    second = execute_partition(run_env, PARTITION)
+    assert second.returncode == 0, second.describe()
+    with dg.DagsterInstance.from_config(str(sqlite_dagster_home)) as instance:
         runs = job_runs(instance)
         assert len(runs) == 2 and all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs), run_debug(instance)
         second_run = next(r for r in runs if r.run_id != run.run_id)
@@ -142,7 +128,7 @@ def test_job_execute_repairs_reports_materializes_and_is_idempotent(pg, mongo_db
 # ------------------------------------------------------------------------------------------- b
 
 
-def test_job_execute_with_run_config_dry_run_and_short_lookback(pg, mongo_db, cli_env, tmp_path):
+def test_job_execute_with_run_config_dry_run_and_short_lookback(pg, mongo_db, run_env, tmp_path):
     # inside the last hour of the window: seen with lookback 1
     expected_if_repaired = seed_mismatch_and_missing(pg, mongo_db, at=WINDOW_END - timedelta(minutes=30))
     # two hours before the end: outside a one-hour window, so not even reported
@@ -150,10 +136,10 @@ def test_job_execute_with_run_config_dry_run_and_short_lookback(pg, mongo_db, cl
     add_email(pg, from_email=VODAFONE, extracted=reply(az="542901", amount=20.0, creditor_name="Vodafone GmbH",
                                                         name="Musterfrau, Erika"), received_at=IN_WINDOW)
     before = mongo_snapshot(mongo_db)
-    config = write_run_config(tmp_path / "run_config.yaml", {"lookback_hours": 1, "dry_run": True})
+    config = write_config(tmp_path / "run_config.yaml", {"lookback_hours": 1, "dry_run": True})
 
-    result = execute_partition(cli_env, PARTITION, "-c", str(config))
-    assert result.returncode == 0, describe(result)
+    result = execute_partition(run_env, PARTITION, "-c", str(config))
+    assert result.returncode == 0, result.describe()
 
     [report] = report_rows(pg)
     assert report["status"] == "completed", report
@@ -182,18 +168,17 @@ BACKFILL_TIMEOUT = 240
 @pytest.fixture
 def daemon_setup(pg, pg_url, mongo_db, service_env, tmp_path):
     """A DAGSTER_HOME with PostgreSQL storage in a fresh database, and a running dagster-daemon."""
-    with dagster_storage_database(pg_url) as dagster_pg_url:
-        home, source = write_postgres_home(tmp_path / "dagster_home")
-        print(f"DAGSTER_HOME {home}: {source}")
-        env = subprocess_env(pg_url=pg_url, mongo_uri=service_env["RECON_MONGO_URI"], mongo_db=mongo_db.name,
-                             dagster_home=home, dagster_postgres_url=dagster_pg_url)
+    with scratch_database(pg_url) as dagster_pg_url:
+        home = postgres_home(tmp_path / "dagster_home")
+        env = cli_env(pg_url=pg_url, mongo_uri=service_env["RECON_MONGO_URI"], mongo_db=mongo_db.name,
+                      dagster_home=home, dagster_postgres_url=dagster_pg_url)
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("DAGSTER_POSTGRES_URL", dagster_pg_url)  # for DagsterInstance.from_config in this process
             with dg.DagsterInstance.from_config(str(home)) as instance:  # creates the storage schema once
                 # The hourly schedule is RUNNING by default: stop it, or a tick at :05 would reconcile
                 # the current hour's 48 h window (which covers the seeded emails) in the middle of the test.
                 stopped = run_cli(["schedule", "stop", "reconciliation_hourly_schedule", "-m", DEFS_MODULE], env, timeout=180)
-                assert stopped.returncode == 0, describe(stopped)
+                assert stopped.returncode == 0, stopped.describe()
                 daemon = Daemon(env, tmp_path / "daemon.log")
                 try:
                     yield {"env": env, "home": home, "instance": instance, "daemon": daemon}
@@ -248,8 +233,8 @@ def _wait_for_reports(pg: sa.Engine, setup: dict, count: int) -> list[dict]:
 def _backfill(setup: dict) -> None:
     result = run_cli(["job", "backfill", "-m", DEFS_MODULE, "-j", JOB, "--partitions", ",".join(BACKFILL_PARTITIONS),
                       "--tags", '{"reconciliation/lookback_hours": "1"}', "--noprompt"], setup["env"], timeout=240)
-    assert result.returncode == 0, describe(result)
-    assert "Launched backfill" in result.stdout, describe(result)
+    assert result.returncode == 0, result.describe()
+    assert "Launched backfill" in result.output, result.describe()
 
 
 def test_daemon_backfill_of_three_partitions_and_again(pg, mongo_db, daemon_setup):

@@ -29,9 +29,9 @@ from reconciliation_pipeline.resources import MongoResource
 from reconciliation_pipeline_tests.builders import (
     PARTITION, WINDOW_END, add_client, add_email, add_outbox, creditor, reply,
 )
-from reconciliation_pipeline_tests.fault_support import (
-    REPO, CliProcess, MongoCutProxy, audit_rows, cli_env, dagster_bin, execute_args, mongo_port, outbox,
-    report_rows, repo_yaml_home, run_cli, scratch_database, sqlite_home, wait_until, write_config,
+from reconciliation_pipeline_tests.support import (
+    REPO, cli_env, CliProcess, execute_args, finding_rows, mongo_port, MongoCutProxy, outbox, postgres_home,
+    report_rows, run_cli, scratch_database, sqlite_home, wait_until, write_config,
 )
 
 SPARKASSE = "forderungen@sparkasse-bochum.de"
@@ -59,7 +59,7 @@ def seed_drift(pg: sa.Engine, mongo_db: Any) -> list[int]:
 
 def assert_each_finding_repaired_once(pg: sa.Engine, email_ids: list[int]) -> dict[int, list[dict]]:
     by_email: dict[int, list[dict]] = {}
-    for row in audit_rows(pg):
+    for row in finding_rows(pg):
         by_email.setdefault(row["email_id"], []).append(row)
     for email_id in email_ids:
         actions = [(r["report_id"], r["action"]) for r in by_email.get(email_id, [])]
@@ -146,7 +146,7 @@ def test_two_cli_runs_at_once_repair_each_finding_once_under_the_advisory_lock(p
                 return len(started) == 2
 
             wait_until(both_in_repair, timeout=200, interval=1, what="both runs to reach their repair",
-                       debug=lambda: "\n".join(p.result().describe(1500) for p in processes))
+                       on_timeout=lambda: "\n".join(p.result().describe(1500) for p in processes))
             time.sleep(3)  # the second run polls for the writer lock
         finally:
             gate.set()
@@ -181,7 +181,7 @@ def test_second_cli_run_waits_for_the_pool_slot_with_the_shipped_dagster_yaml(pg
     email_ids = seed_drift(pg, mongo_db)
     with scratch_database(pg_url) as dagster_pg:
         monkeypatch.setenv("DAGSTER_POSTGRES_URL", dagster_pg)  # the test reads the same instance
-        home = repo_yaml_home(tmp_path / "dagster_home")
+        home = postgres_home(tmp_path / "dagster_home")
         hold = HoldFirstRepairRead()
         processes: list[CliProcess] = []
         with MongoCutProxy(mongo_port(service_env["RECON_MONGO_URI"]), on_request=hold, max_lifetime=400) as proxy, \
@@ -190,7 +190,7 @@ def test_second_cli_run_waits_for_the_pool_slot_with_the_shipped_dagster_yaml(pg
                           dagster_home=home, dagster_postgres_url=dagster_pg)
             config = write_config(tmp_path / "run_config.yaml", repair_lock_wait_seconds=180)
             # the deployment step of the README: two first runs at once would otherwise both create the pool's slots
-            pool = run_cli([*dagster_bin(), "instance", "concurrency", "set", MONGO_WRITER_POOL, "1"], env, tmp_path / "logs", name="pool")
+            pool = run_cli(["instance", "concurrency", "set", MONGO_WRITER_POOL, "1"], env, tmp_path / "logs", name="pool")
             assert pool.returncode == 0, pool.describe()
 
             def waiting_steps() -> list[str]:
@@ -200,10 +200,10 @@ def test_second_cli_run_waits_for_the_pool_slot_with_the_shipped_dagster_yaml(pg
             try:
                 processes.append(CliProcess(execute_args(PARTITION, config), env, tmp_path / "logs", name="run1"))
                 wait_until(hold.reached.is_set, timeout=120, interval=0.5, what="the first run's repair",
-                           debug=lambda: processes[0].result().describe(1500))
+                           on_timeout=lambda: processes[0].result().describe(1500))
                 processes.append(CliProcess(execute_args(PARTITION, config), env, tmp_path / "logs", name="run2"))
                 waiting = wait_until(waiting_steps, timeout=120, interval=0.5, what="the second run to wait for the pool slot",
-                                     debug=lambda: processes[1].result().describe(1500))
+                                     on_timeout=lambda: processes[1].result().describe(1500))
                 assert [k.split(".")[-1] for k in waiting] == ["retry_outbox"], waiting
                 time.sleep(2)
             finally:
@@ -228,7 +228,7 @@ def test_job_tags_and_the_run_queue_limit(pg_url, monkeypatch, tmp_path):
     assert tags.get("reconciliation/mongo-writer") is not None, tags
     with scratch_database(pg_url) as dagster_pg:
         monkeypatch.setenv("DAGSTER_POSTGRES_URL", dagster_pg)
-        home = repo_yaml_home(tmp_path / "dagster_home")
+        home = postgres_home(tmp_path / "dagster_home")
         assert (home / "dagster.yaml").read_bytes() == (REPO / "dagster.yaml").read_bytes()
         with dg.DagsterInstance.from_config(str(home)) as instance:
             config = instance.get_concurrency_config()
@@ -296,7 +296,7 @@ def test_application_write_between_read_and_bulk_write_wins(same_element, pg, mo
         assert current[("542900", SPARKASSE)] == 777.0, "the application's write was overwritten"
     else:
         assert current == {("542900", SPARKASSE): 1.0, ("542900", TELEKOM): 555.0}, current
-    [finding] = [a for a in audit_rows(pg) if a["email_id"] == email_id]
+    [finding] = [a for a in finding_rows(pg) if a["email_id"] == email_id]
     assert finding["action"] == "skipped_concurrent_change" and finding["error"], finding
     assert report_rows(pg)[0]["status"] == "completed"
 
@@ -323,7 +323,7 @@ def test_application_write_during_outbox_delivery_wins(pg, mongo_db, resources, 
     assert amounts(mongo_db)[("542900", SPARKASSE)] == 888.0, "the application's write was overwritten"
     message = outbox(pg)[message_id]
     assert message["processed_at"] is None and message["retry_count"] == 0, message
-    [delivery] = [a for a in audit_rows(pg) if a["outbox_message_id"] == message_id]
+    [delivery] = [a for a in finding_rows(pg) if a["outbox_message_id"] == message_id]
     assert delivery["action"] == "skipped_concurrent_change", delivery
     assert report_rows(pg)[0]["outbox_deferred"] == 1
 

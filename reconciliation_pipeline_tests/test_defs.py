@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo
 import dagster as dg
 import pytest
 
-from reconciliation_pipeline_tests.e2e_support import CHECK_NAMES, DEFS_MODULE, describe, run_cli, subprocess_env
+from reconciliation_pipeline_tests.support import CHECK_NAMES, DEFS_MODULE, cli_env, run_cli
 
 LOOPBACK_ENV = {
     "RECON_POSTGRES_URL": "postgresql+psycopg://postgres@127.0.0.1:5432/recon_defs_test",
@@ -104,11 +104,11 @@ def test_cli_validates_the_definitions(tmp_path) -> None:
     home = tmp_path / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    env = subprocess_env(pg_url=LOOPBACK_ENV["RECON_POSTGRES_URL"], mongo_uri=LOOPBACK_ENV["RECON_MONGO_URI"],
+    env = cli_env(pg_url=LOOPBACK_ENV["RECON_POSTGRES_URL"], mongo_uri=LOOPBACK_ENV["RECON_MONGO_URI"],
                          mongo_db=LOOPBACK_ENV["RECON_MONGO_DB"], dagster_home=home)
     result = run_cli(["definitions", "validate", "-m", DEFS_MODULE], env, timeout=180)
-    assert result.returncode == 0, describe(result)
-    assert "Validation successful" in result.stdout or "passed validation" in result.stdout, describe(result)
+    assert result.returncode == 0, result.describe()
+    assert "Validation successful" in result.output or "passed validation" in result.output, result.describe()
 
 
 def test_preflight_job_and_durable_mongo_defaults(defs: dg.Definitions) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import uuid
@@ -26,18 +25,11 @@ from reconciliation_pipeline import doctor
 from reconciliation_pipeline.db import create_app_tables, upgrade
 from reconciliation_pipeline.resources import MongoResource, WeakWriteConcernError
 from reconciliation_pipeline.store import postgres as pg_store
-from reconciliation_pipeline_tests.e2e_support import REPO
-from reconciliation_pipeline_tests.fault_support import scratch_database
+from reconciliation_pipeline_tests.support import REPO, free_port, scratch_database
 
 
 def _by_name(checks: list[doctor.Check]) -> dict[str, doctor.Check]:
     return {c.name: c for c in checks}
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # closed again when the block ends: nothing listens there
 
 
 @pytest.fixture
@@ -98,7 +90,7 @@ def test_doctor_passes_on_the_dev_services(service_env: dict[str, str], mongo_db
 
 
 def test_doctor_cli_fails_when_mongodb_is_unreachable(service_env: dict[str, str]) -> None:
-    uri = f"mongodb://127.0.0.1:{_closed_port()}/?directConnection=true&serverSelectionTimeoutMS=1000"
+    uri = f"mongodb://127.0.0.1:{free_port()}/?directConnection=true&serverSelectionTimeoutMS=1000"
     result = _doctor_cli(_dev_env(service_env, RECON_MONGO_URI=uri))
     assert result.returncode == 1, result.stdout + result.stderr
     line = next(line for line in result.stdout.splitlines() if " reachable " in line)
@@ -394,8 +386,8 @@ def test_the_doctor_never_prints_credentials(service_env: dict[str, str]) -> Non
     secret = f"S3cret{uuid.uuid4().hex[:8]}"
     env = _dev_env(
         service_env,
-        RECON_POSTGRES_URL=f"postgresql+psycopg://recon:{secret}@127.0.0.1:{_closed_port()}/app",
-        RECON_MONGO_URI=f"mongodb://recon:{secret}@127.0.0.1:{_closed_port()}/?directConnection=true&serverSelectionTimeoutMS=1000",
+        RECON_POSTGRES_URL=f"postgresql+psycopg://recon:{secret}@127.0.0.1:{free_port()}/app",
+        RECON_MONGO_URI=f"mongodb://recon:{secret}@127.0.0.1:{free_port()}/?directConnection=true&serverSelectionTimeoutMS=1000",
     )
     result = _doctor_cli(env)
     assert result.returncode == 1, result.stdout + result.stderr

@@ -16,7 +16,7 @@ from reconciliation_pipeline.run.extract import extract_postgres
 from reconciliation_pipeline.run.types import RunContext, window_for
 from reconciliation_pipeline.partitions import hourly_partitions
 from reconciliation_pipeline_tests.builders import add_client, add_email, creditor, findings, reply, reports
-from reconciliation_pipeline_tests.fault_support import NullLog, element
+from reconciliation_pipeline_tests.support import NullLog, element
 
 BERLIN = ZoneInfo("Europe/Berlin")
 UTC = timezone.utc

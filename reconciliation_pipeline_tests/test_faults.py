@@ -1,6 +1,6 @@
 """Fault injection against real PostgreSQL and the MongoDB wire server.
 
-1. MongoDB cut mid-run: a cuttable proxy (fault_support.MongoCutProxy) between the pipeline and the
+1. MongoDB cut mid-run: a cuttable proxy (support.mongo_proxy.MongoCutProxy) between the pipeline and the
    wire server cuts every connection at the outbox write, the repair write, their read-backs, or the
    outbox's first read. Nothing may be marked delivered or repaired without a verified write, the run
    must finish honestly, and the next run through the direct URI converges.
@@ -32,9 +32,9 @@ from reconciliation_pipeline.store.postgres import MONGO_WRITER_LOCK
 from reconciliation_pipeline_tests.builders import (
     PARTITION, WINDOW_END, add_client, add_email, add_key, add_outbox, creditor, reply,
 )
-from reconciliation_pipeline_tests.fault_support import (
-    BLACKHOLE, DOWN, DROP, FORWARD_THEN_CUT, UP, CliProcess, CutRule, MongoCutProxy, audit_rows, cli_env, element,
-    execute_args, mongo_port, write_config, outbox, pipeline_backends, report_rows, repo_yaml_home, run_cli, rows,
+from reconciliation_pipeline_tests.support import (
+    BLACKHOLE, DOWN, DROP, FORWARD_THEN_CUT, UP, CliProcess, CutRule, MongoCutProxy, finding_rows, cli_env, element,
+    execute_args, mongo_port, write_config, outbox, pipeline_backends, report_rows, postgres_home, run_cli, rows,
     scratch_database, snapshot, sqlite_home, terminate_pipeline_backends, wait_until,
 )
 
@@ -99,7 +99,7 @@ def assert_nothing_unverified(pg: sa.Engine, mongo_db: Any) -> None:
     """Every delivered message and every `repaired` audit row is backed by what MongoDB holds now."""
     current = {(d["aktenzeichen"], e["sender_email"]): e.get("creditor_response_amount")
                for d in mongo_db.clients.find({}) for e in d["final_creditor_list"]}
-    audit = audit_rows(pg)
+    audit = finding_rows(pg)
     for message in outbox(pg).values():
         if message["processed_at"] is None:
             continue
@@ -157,7 +157,7 @@ def test_mongo_cut_mid_run_marks_nothing_unverified_and_the_next_run_converges(c
         assert email["sync_status"] == "failed"
     else:
         assert message["processed_at"] is not None  # delivered (and verified) before the repair's cut
-        unverified = [a for a in audit_rows(pg) if a["kind"] in ("data_mismatch", "missing_in_mongo")]
+        unverified = [a for a in finding_rows(pg) if a["kind"] in ("data_mismatch", "missing_in_mongo")]
         assert unverified and all(a["action"] != "repaired" for a in unverified), unverified
         assert all(a["error"] for a in unverified), unverified
 
@@ -179,7 +179,7 @@ def test_mongo_cut_mid_run_marks_nothing_unverified_and_the_next_run_converges(c
     if mode_applied_write(rule) and where == "outbox":
         # the write had gone through: redelivering it does not change the result
         assert element(mongo_db, "542901") == first
-    deliveries = [a for a in audit_rows(pg) if a["outbox_message_id"] == ids["message"] and a["action"] == "repaired"]
+    deliveries = [a for a in finding_rows(pg) if a["outbox_message_id"] == ids["message"] and a["action"] == "repaired"]
     assert len(deliveries) == 1, deliveries
     assert report_rows(pg)[-1]["status"] == "completed"
 
@@ -284,7 +284,7 @@ def test_postgres_connection_terminated_mid_run(case, pg, mongo_db, resources, s
             thread, box = _run_in_thread(reconcile, **spec["settings"])
             waiting = lambda: _lock_waiters(pg)  # noqa: E731
         waiters = wait_until(waiting, timeout=90, what=f"the run to wait on {spec['block']}",
-                             debug=lambda: str(pipeline_backends(pg)))
+                             on_timeout=lambda: str(pipeline_backends(pg)))
         assert _running(instance, spec["op"]), f"{spec['op']} is not the step that waits: {waiters}"
         assert terminate_pipeline_backends(pg) >= 1, waiters
     finally:
@@ -380,7 +380,7 @@ def test_sigkill_at_each_named_point_then_rerun_converges(point, pg, pg_url, mon
     assert "killed" in reports[0]["error_message"] or "gone" in reports[0]["error_message"], reports[0]["error_message"]
 
     # each outbox message applied with one result; a redelivery changed nothing
-    deliveries = [a for a in audit_rows(pg) if a["outbox_message_id"] == ids["message"] and a["action"] == "repaired"]
+    deliveries = [a for a in finding_rows(pg) if a["outbox_message_id"] == ids["message"] and a["action"] == "repaired"]
     assert deliveries and all(d["mongo_amount_cents_after"] == OUTBOX_CENTS for d in deliveries), deliveries
     if point != "after_report_created":
         assert element(mongo_db, "542901") == after_kill
@@ -392,14 +392,14 @@ def test_sigkill_at_each_named_point_then_rerun_converges(point, pg, pg_url, mon
     else:
         assert len(deliveries) == 1, deliveries
     # no write is left "not verified": the re-run read back what the killed run sent
-    audit = audit_rows(pg)
+    audit = finding_rows(pg)
     assert not [a for a in audit if a["error"] == IN_FLIGHT], audit
     if point == "after_repair_mongo_write":
         killed_repairs = [a for a in audit if a["report_id"] == stale["id"] and a["kind"] != "outbox_delivery" and a["pg_amount_cents"]]
         assert killed_repairs and all(a["action"] == "repaired" and a["mongo_amount_cents_after"] == a["pg_amount_cents"]
                                       for a in killed_repairs if a["kind"] in ("data_mismatch", "missing_in_mongo")), killed_repairs
     # a repair is never done twice: every finding of the window is repaired at most once
-    repaired = [a["email_id"] for a in audit_rows(pg) if a["action"] == "repaired" and a["kind"] != "outbox_delivery"]
+    repaired = [a["email_id"] for a in finding_rows(pg) if a["action"] == "repaired" and a["kind"] != "outbox_delivery"]
     assert len(repaired) == len(set(repaired)), repaired
 
     # the killed Dagster run is marked failed too
@@ -445,7 +445,7 @@ def test_a_repair_write_of_a_killed_run_is_in_the_audit_table(pg, pg_url, mongo_
                     tmp_path / "logs", timeout=240, name="rerun")
     assert rerun.returncode == 0, rerun.describe()
     assert amounts(mongo_db) == EXPECTED
-    audit = audit_rows(pg)
+    audit = finding_rows(pg)
     for email_id, cents in ((ids["mismatch"], 123456), (ids["missing"], 25000)):
         recorded = [
             a for a in audit
@@ -464,7 +464,7 @@ def test_killed_run_does_not_block_later_runs_with_the_shipped_dagster_yaml(pg, 
     slot) a run SIGKILLed inside a pool-limited op must not hold the slot forever: the next run must finish."""
     ids = seed(pg, mongo_db)
     with scratch_database(pg_url) as dagster_pg:
-        home = repo_yaml_home(tmp_path / "dagster_home")
+        home = postgres_home(tmp_path / "dagster_home")
         killed = run_cli(execute_args(PARTITION, _in_process(tmp_path)),
                          _kill_and_rerun_env(pg_url, service_env, mongo_db, home, "after_repair_mongo_write", dagster_pg),
                          tmp_path / "logs", timeout=240, name="killed")

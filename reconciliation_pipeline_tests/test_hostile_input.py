@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 from reconciliation_pipeline.resources import MongoResource
 from reconciliation_pipeline_tests.builders import IN_WINDOW, add_client, add_email, add_outbox, creditor, reply
-from reconciliation_pipeline_tests.fault_support import (
-    MongoCutProxy, audit_rows, changed_documents, mongo_port, outbox, report_rows, reset_data, snapshot,
+from reconciliation_pipeline_tests.support import (
+    MongoCutProxy, finding_rows, changed_documents, mongo_port, outbox, report_rows, reset_data, snapshot,
 )
 
 SPARKASSE = "forderungen@sparkasse-bochum.de"
@@ -157,8 +157,8 @@ def test_hostile_email_values_touch_at_most_the_intended_document(case, pg, mong
     for value in (spec.get("az"), spec.get("name"), spec.get("creditor")):
         if isinstance(value, dict):
             never_sent(proxy, value)
-    audit = [a for a in audit_rows(pg) if a["email_id"] == email_id]
-    repaired = [a for a in audit_rows(pg) if a["action"] == "repaired"]
+    audit = [a for a in finding_rows(pg) if a["email_id"] == email_id]
+    repaired = [a for a in finding_rows(pg) if a["action"] == "repaired"]
     if target:
         assert [(a["kind"], a["action"]) for a in audit] == [("data_mismatch", "repaired")]
         assert len(repaired) == 1 and repaired[0]["client_aktenzeichen"] == spec["target"]
@@ -222,7 +222,7 @@ def test_hostile_outbox_payloads_touch_at_most_the_intended_document(case, pg, m
         if isinstance(value, dict):
             never_sent(proxy, value)
     message = outbox(pg)[message_id]
-    delivered = [a for a in audit_rows(pg) if a["action"] == "repaired"]
+    delivered = [a for a in finding_rows(pg) if a["action"] == "repaired"]
     if target:
         assert message["processed_at"] is not None, message
         assert len(delivered) == 1 and delivered[0]["outbox_message_id"] == message_id
@@ -313,7 +313,7 @@ def test_malformed_extracted_data_is_reported_never_crashes_never_written(batch,
     assert after[:4] == before[doc_id]["final_creditor_list"][:4], "a malformed email was written"
     assert after[4]["creditor_response_amount"] == 7.0
     by_email = {}
-    for row in audit_rows(pg):
+    for row in finding_rows(pg):
         by_email.setdefault(row["email_id"], []).append(row)
     assert [(r["kind"], r["action"]) for r in by_email.pop(control)] == [("data_mismatch", "repaired")]
     for email_id, (raw, expected) in zip(email_ids, batch):
@@ -345,7 +345,7 @@ def test_deep_nesting_in_an_unrelated_field_does_not_hide_the_email(with_nul, pg
     result = reconcile(raise_on_error=False)
     assert result.success
     assert report_rows(pg)[0]["status"] == "completed"
-    [row] = [r for r in audit_rows(pg) if r["email_id"] == email_id]
+    [row] = [r for r in finding_rows(pg) if r["email_id"] == email_id]
     assert row["action"] == "repaired" or "no client_aktenzeichen or client_name" not in (row["error"] or ""), (
         f"{row['kind']}: {row['error']!r} - the email has both keys; its extracted_data was not parsed "
         f"(nesting deeper than Python's json recursion limit) and the finding says something false")
@@ -359,5 +359,5 @@ def test_deep_nesting_as_the_amount_is_reported_not_written(pg, mongo_db, reconc
     result = reconcile(raise_on_error=False)
     assert result.success and report_rows(pg)[0]["status"] == "completed"
     assert snapshot(mongo_db) == before
-    [row] = [r for r in audit_rows(pg) if r["email_id"] == email_id]
+    [row] = [r for r in finding_rows(pg) if r["email_id"] == email_id]
     assert row["action"] == "reported" and row["error"], row

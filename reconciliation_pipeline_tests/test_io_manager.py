@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -20,10 +19,10 @@ from hypothesis import strategies as st
 from reconciliation_pipeline.run.types import DiffResult, MongoShard, OutboxResult, RunContext
 from reconciliation_pipeline.io_managers import RUN_FILES_DIR, read_value, write_value
 from reconciliation_pipeline_tests.builders import PARTITION
-from reconciliation_pipeline_tests.e2e_support import (
-    DEFS_MODULE, JOB, REPO, amounts, describe, finding_rows, job_runs, materializations, report_rows, run_cli, run_debug,
+from reconciliation_pipeline_tests.support import (
+    JOB, REPO, amounts, execute_args, finding_rows, job_runs, materializations, report_rows, run_cli, run_debug,
 )
-from reconciliation_pipeline_tests.test_cli_e2e import cli_env, seed_mismatch_and_missing, sqlite_home  # noqa: F401 (fixtures)
+from reconciliation_pipeline_tests.test_cli_e2e import seed_mismatch_and_missing
 
 
 def roundtrip(value, tmp_path: Path):
@@ -103,15 +102,15 @@ def _files(root: Path) -> list[Path]:
 
 
 @pytest.mark.e2e
-def test_successful_run_leaves_no_intermediate_outputs(pg, mongo_db, cli_env, sqlite_home):
+def test_successful_run_leaves_no_intermediate_outputs(pg, mongo_db, run_env, sqlite_dagster_home):
     seed_mismatch_and_missing(pg, mongo_db)
-    result = run_cli(["job", "execute", "-m", DEFS_MODULE, "-j", JOB, "--tags", json.dumps({"dagster/partition": PARTITION})], cli_env)
-    assert result.returncode == 0, describe(result)
-    storage = sqlite_home / "storage"
+    result = run_cli(execute_args(PARTITION), run_env)
+    assert result.returncode == 0, result.describe()
+    storage = sqlite_dagster_home / "storage"
     assert _files(storage / RUN_FILES_DIR) == []
     left = _files(storage)
     assert left and all("compute_logs" in p.parts for p in left), left  # the run page's logs stay
-    with dg.DagsterInstance.from_config(str(sqlite_home)) as instance:
+    with dg.DagsterInstance.from_config(str(sqlite_dagster_home)) as instance:
         [record] = materializations(instance, [PARTITION])
         metadata = record.asset_materialization.metadata
         assert "path" not in metadata
@@ -142,16 +141,16 @@ with dg.DagsterInstance.get() as instance:
 
 
 @pytest.mark.e2e
-def test_failed_run_keeps_its_files_and_is_reexecuted_from_failure(pg, mongo_db, cli_env, sqlite_home):
+def test_failed_run_keeps_its_files_and_is_reexecuted_from_failure(pg, mongo_db, run_env, sqlite_dagster_home):
     expected = seed_mismatch_and_missing(pg, mongo_db)
-    storage = sqlite_home / "storage"
+    storage = sqlite_dagster_home / "storage"
 
     # 1. the last op raises: every other step has succeeded and stored its output
-    failing = run_cli(["job", "execute", "-m", DEFS_MODULE, "-j", JOB, "--tags", json.dumps({"dagster/partition": PARTITION})],
-                      {**cli_env, "RECON_FAULT_RAISE_AT": "before_report_finished"})
-    assert failing.returncode != 0, describe(failing)
-    assert "fault injected at before_report_finished" in failing.stdout, describe(failing)
-    with dg.DagsterInstance.from_config(str(sqlite_home)) as instance:
+    failing = run_cli(execute_args(PARTITION),
+                      {**run_env, "RECON_FAULT_RAISE_AT": "before_report_finished"})
+    assert failing.returncode != 0, failing.describe()
+    assert "fault injected at before_report_finished" in failing.output, failing.describe()
+    with dg.DagsterInstance.from_config(str(sqlite_dagster_home)) as instance:
         [failed] = job_runs(instance)
         assert failed.status == dg.DagsterRunStatus.FAILURE, run_debug(instance)
         assert materializations(instance, [PARTITION]) == []
@@ -166,10 +165,10 @@ def test_failed_run_keeps_its_files_and_is_reexecuted_from_failure(pg, mongo_db,
     assert amounts(mongo_db) == expected  # repair_mongo ran in the failed run
 
     # 2. re-executed from failure: only finish_report runs, its inputs read from the failed run's files
-    reexec = subprocess.run([sys.executable, "-c", REEXECUTE_FROM_FAILURE, failed.run_id], env=cli_env, cwd=REPO,
+    reexec = subprocess.run([sys.executable, "-c", REEXECUTE_FROM_FAILURE, failed.run_id], env=run_env, cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     assert reexec.returncode == 0, f"exit {reexec.returncode}\n{reexec.stdout[-8000:]}\n{reexec.stderr[-8000:]}"
-    with dg.DagsterInstance.from_config(str(sqlite_home)) as instance:
+    with dg.DagsterInstance.from_config(str(sqlite_dagster_home)) as instance:
         runs = job_runs(instance)
         assert len(runs) == 2, run_debug(instance)
         child = next(r for r in runs if r.run_id != failed.run_id)

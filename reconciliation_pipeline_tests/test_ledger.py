@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from datetime import timedelta
@@ -16,6 +15,7 @@ import sqlalchemy as sa
 
 from reconciliation_pipeline.resources import MongoResource
 from reconciliation_pipeline_tests.builders import IN_WINDOW, add_client, add_email, add_outbox, creditor, reply, reports
+from reconciliation_pipeline_tests.support import free_port
 
 SENDER = "forderungen@sparkasse-bochum.de"
 KEY = f"542900|{SENDER}|data_mismatch"
@@ -147,9 +147,7 @@ def test_a_pair_not_compared_keeps_its_state_mongo_down_and_dry_run(pg, mongo_db
     assert dry.success and list(drift(pg)) == [KEY]
     # the table shows the ledger as it stands: the known problem is not counted again, the new one is not in it
     assert sorted((r["aktenzeichen"], r["times_seen"]) for r in table_rows(dry)) == [("777777", None)]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     real = resources["mongo"]
     resources["mongo"] = MongoResource(uri=f"mongodb://127.0.0.1:{port}/?directConnection=true", database=mongo_db.name,
                                        server_selection_timeout_ms=500)
@@ -163,7 +161,7 @@ def test_a_pair_not_compared_keeps_its_state_mongo_down_and_dry_run(pg, mongo_db
     assert reconcile().success
     rows = drift(pg)
     assert rows[KEY]["resolution"] == "fixed_at_source"
-    assert rows[f"777777|inkasso@example.org|client_not_found"]["status"] == "open"
+    assert rows["777777|inkasso@example.org|client_not_found"]["status"] == "open"
 
 
 def test_a_pair_outside_the_window_keeps_its_state(pg, mongo_db, reconcile):

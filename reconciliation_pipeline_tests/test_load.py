@@ -10,7 +10,6 @@ narrow frames and the comparison holds one batch of client documents at a time.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import threading
@@ -25,9 +24,7 @@ import sqlalchemy as sa
 
 from benchmarks import datagen
 from reconciliation_pipeline_tests.builders import PARTITION, WINDOW_END
-from reconciliation_pipeline_tests.e2e_support import (
-    DEFS_MODULE, JOB, report_rows, run_cli, subprocess_env, write_run_config, write_sqlite_home,
-)
+from reconciliation_pipeline_tests.support import cli_env, execute_args, report_rows, run_cli, sqlite_home, write_config
 
 pytestmark = [
     pytest.mark.e2e,
@@ -87,8 +84,7 @@ def _execute(env: dict[str, str], config: Path, timeout: float) -> tuple[subproc
         return stop
 
     started = time.monotonic()
-    result = run_cli(["job", "execute", "-m", DEFS_MODULE, "-j", JOB, "-c", str(config),
-                      "--tags", json.dumps({"dagster/partition": PARTITION})], env, timeout=timeout, watch=watch)
+    result = run_cli(execute_args(PARTITION, config), env, timeout=timeout, watch=watch)
     return result, samplers[0].peak, time.monotonic() - started
 
 
@@ -105,15 +101,15 @@ def test_a_million_emails_outbox_backlog_and_expired_keys_in_one_run(pg, pg_url,
     assert expired_before == info["keys_expired"] >= EXPIRED_KEYS
     assert pending_before >= OUTBOX
 
-    env = subprocess_env(pg_url=pg_url, mongo_uri=service_env["RECON_MONGO_URI"], mongo_db=mongo_db.name,
-                         dagster_home=write_sqlite_home(tmp_path / "dagster_home"))
-    config = write_run_config(tmp_path / "load.json", {
+    env = cli_env(pg_url=pg_url, mongo_uri=service_env["RECON_MONGO_URI"], mongo_db=mongo_db.name,
+                         dagster_home=sqlite_home(tmp_path / "dagster_home"))
+    config = write_config(tmp_path / "load.json", {
         "max_repairs": 1_000_000, "cleanup_batch_size": CLEANUP_BATCH, "outbox_batch_size": OUTBOX_BATCH,
     })
     result, peak_rss, seconds = _execute(env, config, timeout=float(os.environ.get("RECON_LOAD_TIMEOUT", "5400")))
     print(f"[load] data loaded in {loaded:.0f}s; run {seconds:.0f}s; peak RSS {peak_rss / 2**20:.0f} MB "
           f"for {EMAILS:,} emails, {OUTBOX:,} outbox messages, {EXPIRED_KEYS:,} expired keys")
-    assert result.returncode == 0, result.stdout[-20_000:]
+    assert result.returncode == 0, result.describe(20_000)
 
     [report] = report_rows(pg, [PARTITION])
     assert report["status"] == "completed", report
@@ -130,7 +126,7 @@ def test_a_million_emails_outbox_backlog_and_expired_keys_in_one_run(pg, pg_url,
     # cleanup: every expired key gone, in bounded batches, the unexpired ones kept
     assert _scalar(pg, "SELECT count(*) FROM idempotency_keys WHERE expires_at < now()") == 0
     assert _scalar(pg, "SELECT count(*) FROM idempotency_keys") == info["keys"] - info["keys_expired"]
-    batches = result.stdout.count("expired keys deleted")
+    batches = result.output.count("expired keys deleted")
     assert batches >= expired_before // CLEANUP_BATCH, f"{batches} cleanup batches for {expired_before} keys"
     # flat memory: one batch of documents at a time, narrow email frames
     assert peak_rss < MAX_RSS_MB * 2**20, f"peak RSS {peak_rss / 2**20:.0f} MB >= {MAX_RSS_MB} MB"

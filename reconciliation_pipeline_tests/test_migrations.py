@@ -9,7 +9,7 @@ from alembic import command
 from reconciliation_pipeline import schema
 from reconciliation_pipeline.db import alembic_config, create_app_tables, upgrade
 from reconciliation_pipeline.run.audit_rows import IN_FLIGHT
-from reconciliation_pipeline_tests.fault_support import scratch_database
+from reconciliation_pipeline_tests.support import scratch_database
 
 
 def _columns(engine: sa.Engine, table: str) -> dict[str, tuple[str, bool]]:

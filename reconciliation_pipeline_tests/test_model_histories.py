@@ -50,17 +50,8 @@ from reconciliation_pipeline.ops import LOOKBACK_TAG
 from reconciliation_pipeline.resources import MongoResource, PostgresResource, ReconciliationSettings
 from reconciliation_pipeline.schema import idempotency_keys, incoming_emails, outbox_messages
 from reconciliation_pipeline.run.audit_rows import IN_FLIGHT
-from reconciliation_pipeline_tests.fault_support import (
-    FORWARD_THEN_CUT,
-    CutRule,
-    MongoCutProxy,
-    cli_env,
-    dagster_bin,
-    free_port,
-    mongo_port,
-    run_cli,
-    sqlite_home,
-    write_config,
+from reconciliation_pipeline_tests.support import (
+    FORWARD_THEN_CUT, cli_env, CutRule, free_port, mongo_port, MongoCutProxy, run_cli, sqlite_home, write_config,
 )
 
 EXAMPLES = int(os.environ.get("RECON_MODEL_EXAMPLES", "12"))
@@ -178,7 +169,7 @@ class Stores:
         config = write_config(self.tmp / "run_config.json", dry_run=plan.dry_run, max_repairs=plan.max_repairs,
                               repair_lock_wait_seconds=5)
         tags = {"dagster/partition": partition_key_ending(plan.partition_end), LOOKBACK_TAG: str(plan.lookback)}
-        args = [*dagster_bin(), "job", "execute", "-m", "reconciliation_pipeline.definitions", "-j", "reconciliation_job",
+        args = ["job", "execute", "-m", "reconciliation_pipeline.definitions", "-j", "reconciliation_job",
                 "--tags", json.dumps(tags), "-c", str(config)]
         env = cli_env(pg_url=self.pg_url, mongo_uri=mongo_uri, mongo_db=self.db_name, dagster_home=self.home,
                       fault=plan.kill_at)

@@ -1,12 +1,12 @@
 """RULES.md section 1: outbox retry against real PostgreSQL and the MongoDB wire server."""
 
-import socket
 from datetime import datetime, timedelta, timezone
 
 import sqlalchemy as sa
 
 from reconciliation_pipeline.resources import MongoResource
 from reconciliation_pipeline_tests.builders import add_client, add_email, add_outbox, creditor, findings, reply, reports
+from reconciliation_pipeline_tests.support import free_port
 
 SENDER = "forderungen@sparkasse-bochum.de"
 
@@ -122,9 +122,7 @@ def test_poison_payloads_go_dead_at_once_and_are_never_written(pg, mongo_db, rec
 
 
 def test_mongo_down_defers_without_consuming_a_retry(pg, mongo_db, resources, reconcile):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead_port = s.getsockname()[1]
+    dead_port = free_port()
     resources["mongo"] = MongoResource(uri=f"mongodb://127.0.0.1:{dead_port}/?directConnection=true",
                                        database=mongo_db.name, server_selection_timeout_ms=500)
     mid = add_outbox(pg, payload())

@@ -1,6 +1,5 @@
 """RULES.md sections 2-6 through the whole asset, against real PostgreSQL and the MongoDB wire server."""
 
-import socket
 from datetime import timedelta
 
 import dagster as dg
@@ -15,6 +14,7 @@ from reconciliation_pipeline.resources import MongoResource
 from reconciliation_pipeline_tests.builders import (
     IN_WINDOW, WINDOW_END, add_client, add_email, add_key, add_outbox, creditor, findings, reply, reports,
 )
+from reconciliation_pipeline_tests.support import free_port
 
 SPARKASSE = "forderungen@sparkasse-bochum.de"
 TELEKOM = "mahnwesen@telekom.de"
@@ -216,9 +216,7 @@ def test_crash_leaves_a_failed_report(pg, mongo_db, reconcile, monkeypatch):
 
 
 def test_mongo_down_completes_with_comparison_skipped(pg, mongo_db, resources, reconcile):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     resources["mongo"] = MongoResource(uri=f"mongodb://127.0.0.1:{port}/?directConnection=true", database=mongo_db.name,
                                        server_selection_timeout_ms=500)
     add_email(pg, from_email=SPARKASSE, extracted=reply(amount=100))

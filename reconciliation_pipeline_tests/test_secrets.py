@@ -22,8 +22,8 @@ from dagster._serdes import serialize_value
 from sqlalchemy.engine import make_url
 
 from reconciliation_pipeline_tests.builders import PARTITION, add_client, add_email, add_outbox, creditor, reply
-from reconciliation_pipeline_tests.fault_support import (
-    audit_rows, cli_env, execute_args, free_port, mongo_port, report_rows, run_cli, sqlite_home, write_config,
+from reconciliation_pipeline_tests.support import (
+    finding_rows, cli_env, execute_args, free_port, mongo_port, report_rows, run_cli, sqlite_home, write_config,
 )
 
 PASSWORD = "S3cr3t-Pa55-xyz"
@@ -93,7 +93,7 @@ def database_leaks(pg: sa.Engine) -> list[str]:
     found = []
     for row in report_rows(pg):
         found += leaks(f"report {row['id']}", repr(row))
-    for row in audit_rows(pg):
+    for row in finding_rows(pg):
         found += leaks(f"finding {row['id']}", repr(row))
     return found
 

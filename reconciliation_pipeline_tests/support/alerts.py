@@ -15,7 +15,7 @@ from typing import Any
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from reconciliation_pipeline_tests.fault_support import free_port
+from reconciliation_pipeline_tests.support.processes import free_port
 
 
 @dataclass

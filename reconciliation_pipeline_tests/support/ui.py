@@ -1,149 +1,33 @@
-"""Helpers for the browser test: `dagster dev` as a subprocess, its GraphQL API and headless Chromium.
-
-Everything stays on loopback and every wait is bounded.  `dagster dev` (webserver + daemon + code
-server) runs in its own session and is killed as a process group: it ignores a plain SIGTERM when
-it is not its session's leader, and its children would outlive it otherwise.
-"""
+"""The browser test's helpers: `dagster dev` as a subprocess, its GraphQL API and headless Chromium."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from reconciliation_pipeline_tests.support.processes import DAGSTER, DEFS_MODULE, JOB, REPO, SCHEDULE, free_port, kill_group
 
-from reconciliation_pipeline_tests.fault_support import scratch_database
-
-REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts" / "browser"
-DEFS_MODULE = "reconciliation_pipeline.definitions"
-JOB = "reconciliation_job"
-ASSET = "reconciliation_report"
-SCHEDULE = "reconciliation_hourly_schedule"
 
 # Required on this kind of machine (root in a container, no GPU, no network beyond loopback).
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
     "--disable-sync", "--no-first-run", "--disable-quic",
 ]
-# Variables of the parent environment that must not leak into `dagster dev`.
-SCRUBBED_VARS = ("DAGSTER_HOME", "DAGSTER_POSTGRES_URL", "RECON_PARTITIONS_START", "RECON_POSTGRES_URL",
-                 "RECON_MONGO_URI", "RECON_MONGO_DB")
-
 
 def chromium_path() -> str | None:
     """The system Chromium (Debian package), else `chromium` / `chromium-browser` on PATH."""
     if os.access("/usr/bin/chromium", os.X_OK):
         return "/usr/bin/chromium"
     return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def dagster_command() -> list[str]:
-    """The venv's `dagster` console script next to the running interpreter, else `python -m dagster`."""
-    candidate = Path(sys.executable).parent / "dagster"
-    return [str(candidate)] if candidate.exists() else [sys.executable, "-m", "dagster"]
-
-
-# --------------------------------------------------------------------------------------- storage / home
-
-
-@contextmanager
-def dagster_storage_database(service_env: Mapping[str, str]) -> Iterator[str]:
-    """A fresh database for Dagster's own storage on the server of DAGSTER_POSTGRES_URL; dropped after.
-
-    Derived from DAGSTER_POSTGRES_URL (else RECON_POSTGRES_URL's server); always yields a
-    `postgresql+psycopg2://` URL: dagster-postgres' LISTEN/NOTIFY watcher breaks on psycopg 3.
-    """
-    source = service_env.get("DAGSTER_POSTGRES_URL") or service_env["RECON_POSTGRES_URL"]
-    with scratch_database(source, prefix="dagster_ui") as url:
-        yield url
-
-
-def write_dagster_home(home: Path) -> Path:
-    """A DAGSTER_HOME holding a copy of the repository's dagster.yaml (PostgreSQL storage, run queue)."""
-    home.mkdir(parents=True, exist_ok=True)
-    text = (REPO / "dagster.yaml").read_text()
-    assert "DAGSTER_POSTGRES_URL" in text, "the repository's dagster.yaml no longer stores runs in PostgreSQL"
-    shutil.copyfile(REPO / "dagster.yaml", home / "dagster.yaml")
-    return home
-
-
-def dev_env(*, pg_url: str, mongo_uri: str, mongo_db: str, dagster_home: Path, dagster_postgres_url: str) -> dict[str, str]:
-    """The parent's environment with the service variables replaced by the test's."""
-    env = {k: v for k, v in os.environ.items() if k not in SCRUBBED_VARS}
-    env.update(
-        RECON_POSTGRES_URL=pg_url, RECON_MONGO_URI=mongo_uri, RECON_MONGO_DB=mongo_db,
-        DAGSTER_HOME=str(dagster_home), DAGSTER_POSTGRES_URL=dagster_postgres_url, PYTHONUNBUFFERED="1",
-        PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
-    )
-    return env
-
-
-# --------------------------------------------------------------------------------------- dagster dev
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether a live (non-zombie) process is left in the group; zombies wait for their reaper."""
-    proc_dir = Path("/proc")
-    if proc_dir.is_dir():
-        for entry in proc_dir.iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp ...
-            if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-                return True
-        return False
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def kill_group(proc: subprocess.Popen, grace: float = 10) -> None:
-    """SIGTERM the process group of `proc` (a session leader), SIGKILL what is left after `grace` s.
-
-    The leader is reaped as we go, so that a zombie leader does not keep the group "alive".
-    """
-    pgid = proc.pid  # started with start_new_session=True: its own process group
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            proc.poll()
-            if not _group_alive(pgid):
-                break
-            time.sleep(0.2)
-        if not _group_alive(pgid):
-            break
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 class DagsterDev:
@@ -153,7 +37,7 @@ class DagsterDev:
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        self.cmd = [*dagster_command(), "dev", "-h", "127.0.0.1", "-p", str(self.port), "-m", DEFS_MODULE]
+        self.cmd = [*DAGSTER, "dev", "-h", "127.0.0.1", "-p", str(self.port), "-m", DEFS_MODULE]
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(self.cmd, env=dict(env), cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
