@@ -23,11 +23,11 @@ import sqlalchemy as sa
 from alembic import command
 
 from reconciliation_pipeline import audit
-from reconciliation_pipeline.db import alembic_config, create_app_tables, upgrade
+from reconciliation_pipeline.db import alembic_config, upgrade
 from reconciliation_pipeline.run.audit_rows import IN_FLIGHT
 from reconciliation_pipeline.store import postgres as pg_store
 from reconciliation_pipeline_tests.builders import add_client, add_email, creditor, reply
-from reconciliation_pipeline_tests.support import scratch_database
+from reconciliation_pipeline_tests.support import database_at
 
 SENDER = "forderungen@sparkasse-bochum.de"
 
@@ -188,38 +188,31 @@ def test_two_concurrent_runs_leave_one_valid_chain(pg, pg_url, mongo_db, service
 
 
 def test_migration_0006_up_and_down_with_rows(pg_url):
-    with scratch_database(pg_url, prefix="recon_audit_mig") as url:
-        url = url.replace("postgresql+psycopg2", "postgresql+psycopg")
-        create_app_tables(url)
-        upgrade(url, "0005")
-        engine = sa.create_engine(url)
-        try:
-            with engine.begin() as conn:
-                report = conn.execute(sa.text(
-                    "INSERT INTO reconciliation_reports (run_id, status) VALUES ('r1', 'completed') RETURNING id")).scalar_one()
-                for action, error in (("reported", None), ("repair_failed", IN_FLIGHT)):
-                    conn.execute(sa.text("INSERT INTO reconciliation_findings (report_id, kind, action, error, pg_amount_cents) "
-                                         "VALUES (:r, 'data_mismatch', :a, :e, 500)"), {"r": report, "a": action, "e": error})
-            upgrade(url)
-            rows = raw(engine, "SELECT id, prev_hash, row_hash FROM reconciliation_findings ORDER BY id")
-            assert rows[0]["prev_hash"] == audit.GENESIS and rows[1]["prev_hash"] == rows[0]["row_hash"]
-            assert verify_cli(url)[0] == 0
-            pg_store.append_finding_outcomes(engine, [{"finding_id": rows[1]["id"], "action": "repaired", "error": None, "after": 500, "before": 100}])
-            with engine.begin() as conn:
-                audit.seal_report(conn, report)
-            assert verify_cli(url)[0] == 0 and len(raw(engine, "SELECT id FROM reconciliation_findings")) == 4
+    with database_at(pg_url, "0005", prefix="recon_audit_mig") as (url, engine):
+        with engine.begin() as conn:
+            report = conn.execute(sa.text(
+                "INSERT INTO reconciliation_reports (run_id, status) VALUES ('r1', 'completed') RETURNING id")).scalar_one()
+            for action, error in (("reported", None), ("repair_failed", IN_FLIGHT)):
+                conn.execute(sa.text("INSERT INTO reconciliation_findings (report_id, kind, action, error, pg_amount_cents) "
+                                     "VALUES (:r, 'data_mismatch', :a, :e, 500)"), {"r": report, "a": action, "e": error})
+        upgrade(url)
+        rows = raw(engine, "SELECT id, prev_hash, row_hash FROM reconciliation_findings ORDER BY id")
+        assert rows[0]["prev_hash"] == audit.GENESIS and rows[1]["prev_hash"] == rows[0]["row_hash"]
+        assert verify_cli(url)[0] == 0
+        pg_store.append_finding_outcomes(engine, [{"finding_id": rows[1]["id"], "action": "repaired", "error": None, "after": 500, "before": 100}])
+        with engine.begin() as conn:
+            audit.seal_report(conn, report)
+        assert verify_cli(url)[0] == 0 and len(raw(engine, "SELECT id FROM reconciliation_findings")) == 4
 
-            command.downgrade(alembic_config(url), "0005")  # the outcome folds back into its intent row
-            assert raw(engine, "SELECT id, action, error, mongo_amount_cents_before, mongo_amount_cents_after FROM reconciliation_findings ORDER BY id") == [
-                {"id": rows[0]["id"], "action": "reported", "error": None, "mongo_amount_cents_before": None, "mongo_amount_cents_after": None},
-                {"id": rows[1]["id"], "action": "repaired", "error": None, "mongo_amount_cents_before": 100, "mongo_amount_cents_after": 500},
-            ]
-            with engine.begin() as conn:  # no trigger any more
-                conn.execute(sa.text("UPDATE reconciliation_findings SET action = 'reported' WHERE id = :i"), {"i": rows[1]["id"]})
-            upgrade(url)
-            assert verify_cli(url)[0] == 0
-            with pytest.raises(sa.exc.DBAPIError, match="append-only"):
-                with engine.begin() as conn:
-                    conn.execute(sa.text("DELETE FROM reconciliation_findings"))
-        finally:
-            engine.dispose()
+        command.downgrade(alembic_config(url), "0005")  # the outcome folds back into its intent row
+        assert raw(engine, "SELECT id, action, error, mongo_amount_cents_before, mongo_amount_cents_after FROM reconciliation_findings ORDER BY id") == [
+            {"id": rows[0]["id"], "action": "reported", "error": None, "mongo_amount_cents_before": None, "mongo_amount_cents_after": None},
+            {"id": rows[1]["id"], "action": "repaired", "error": None, "mongo_amount_cents_before": 100, "mongo_amount_cents_after": 500},
+        ]
+        with engine.begin() as conn:  # no trigger any more
+            conn.execute(sa.text("UPDATE reconciliation_findings SET action = 'reported' WHERE id = :i"), {"i": rows[1]["id"]})
+        upgrade(url)
+        assert verify_cli(url)[0] == 0
+        with pytest.raises(sa.exc.DBAPIError, match="append-only"):
+            with engine.begin() as conn:
+                conn.execute(sa.text("DELETE FROM reconciliation_findings"))

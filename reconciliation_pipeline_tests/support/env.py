@@ -75,6 +75,23 @@ def scratch_database(pg_url: str, prefix: str = "recon_scratch") -> Iterator[str
         admin.dispose()
 
 
+@contextmanager
+def database_at(pg_url: str, revision: str, prefix: str = "recon_migrations") -> Iterator[tuple[str, sa.Engine]]:
+    """A scratch database with the application's tables and the pipeline's migrated up to `revision`:
+    yields its psycopg URL and an engine on it (disposed after)."""
+    from reconciliation_pipeline.db import create_app_tables, upgrade
+
+    with scratch_database(pg_url, prefix=prefix) as url:
+        url = url.replace("postgresql+psycopg2", "postgresql+psycopg")
+        create_app_tables(url)
+        upgrade(url, revision)
+        engine = sa.create_engine(url)
+        try:
+            yield url, engine
+        finally:
+            engine.dispose()
+
+
 def write_config(path: Path, **settings: Any) -> Path:
     """A run config file (JSON is valid YAML) that configures the `settings` resource."""
     path.write_text(json.dumps({"resources": {"settings": {"config": settings}}}, indent=2))
