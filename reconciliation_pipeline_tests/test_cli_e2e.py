@@ -136,7 +136,7 @@ def test_job_execute_with_run_config_dry_run_and_short_lookback(pg, mongo_db, ru
     add_email(pg, from_email=VODAFONE, extracted=reply(az="542901", amount=20.0, creditor_name="Vodafone GmbH",
                                                         name="Musterfrau, Erika"), received_at=IN_WINDOW)
     before = mongo_snapshot(mongo_db)
-    config = write_config(tmp_path / "run_config.yaml", {"lookback_hours": 1, "dry_run": True})
+    config = write_config(tmp_path / "run_config.yaml", lookback_hours=1, dry_run=True)
 
     result = execute_partition(run_env, PARTITION, "-c", str(config))
     assert result.returncode == 0, result.describe()

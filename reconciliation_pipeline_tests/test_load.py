@@ -11,7 +11,6 @@ narrow frames and the comparison holds one batch of client documents at a time.
 from __future__ import annotations
 
 import os
-import subprocess
 import threading
 import time
 from datetime import timedelta
@@ -24,7 +23,7 @@ import sqlalchemy as sa
 
 from benchmarks import datagen
 from reconciliation_pipeline_tests.builders import PARTITION, WINDOW_END
-from reconciliation_pipeline_tests.support import cli_env, execute_args, report_rows, run_cli, sqlite_home, write_config
+from reconciliation_pipeline_tests.support import CliRun, cli_env, execute_args, report_rows, run_cli, sqlite_home, write_config
 
 pytestmark = [
     pytest.mark.e2e,
@@ -70,7 +69,7 @@ def _scalar(engine: sa.Engine, sql: str) -> int:
         return conn.execute(sa.text(sql)).scalar_one()
 
 
-def _execute(env: dict[str, str], config: Path, timeout: float) -> tuple[subprocess.CompletedProcess, int, float]:
+def _execute(env: dict[str, str], config: Path, timeout: float) -> tuple[CliRun, int, float]:
     samplers: list[PeakRss] = []
 
     def watch(pid: int):
@@ -103,9 +102,8 @@ def test_a_million_emails_outbox_backlog_and_expired_keys_in_one_run(pg, pg_url,
 
     env = cli_env(pg_url=pg_url, mongo_uri=service_env["RECON_MONGO_URI"], mongo_db=mongo_db.name,
                          dagster_home=sqlite_home(tmp_path / "dagster_home"))
-    config = write_config(tmp_path / "load.json", {
-        "max_repairs": 1_000_000, "cleanup_batch_size": CLEANUP_BATCH, "outbox_batch_size": OUTBOX_BATCH,
-    })
+    config = write_config(tmp_path / "load.json", max_repairs=1_000_000, cleanup_batch_size=CLEANUP_BATCH,
+                          outbox_batch_size=OUTBOX_BATCH)
     result, peak_rss, seconds = _execute(env, config, timeout=float(os.environ.get("RECON_LOAD_TIMEOUT", "5400")))
     print(f"[load] data loaded in {loaded:.0f}s; run {seconds:.0f}s; peak RSS {peak_rss / 2**20:.0f} MB "
           f"for {EMAILS:,} emails, {OUTBOX:,} outbox messages, {EXPIRED_KEYS:,} expired keys")
