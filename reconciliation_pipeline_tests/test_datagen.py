@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
+from collections import Counter
 from datetime import timedelta
 
 import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from reconciliation_pipeline.run import cleanup as cleanup_step
 from reconciliation_pipeline.run import diff as diff_step
 from reconciliation_pipeline.run import extract as extract_step
-from reconciliation_pipeline.run import outbox as outbox_step
-from reconciliation_pipeline.run import repair as repair_step
 from reconciliation_pipeline.run.types import RunContext
-from reconciliation_pipeline.store import postgres as pg_store
 from benchmarks import datagen
-from reconciliation_pipeline_tests.builders import WINDOW_END
+from reconciliation_pipeline_tests.builders import PARTITION, WINDOW_END
+from reconciliation_pipeline_tests.support import finding_rows, report_rows
 
 LOG = logging.getLogger("test_datagen")
 
@@ -76,46 +73,35 @@ def test_counts_and_shape(pg, mongo_db, generated):
     assert len({e["sender_email"] for e in doc["final_creditor_list"]}) == 10
 
 
-def test_pipeline_steps_find_exactly_the_planted_drift(pg, mongo_db, generated):
+def test_the_job_finds_exactly_the_planted_drift(pg, mongo_db, generated, reconcile):
+    """The graph itself (the asset's ops in their order), not a copy of the step order: outbox, extract,
+    compare, repair, cleanup counted in the report row and the audit table; a second run repairs nothing."""
     info = generated
-    start, end = info["window_start"], info["window_end"]
-    report_id = pg_store.open_report(pg, "datagen-test", None, start, end, False)
-    ctx = RunContext(report_id, "datagen-test", None, start, end, False)
+    assert reconcile(PARTITION, max_repairs=10_000, outbox_batch_size=200).success
+    [report] = report_rows(pg)
+    assert (report["status"], report["window_start"], report["window_end"]) == ("completed", info["window_start"], info["window_end"])
+    assert report["outbox_succeeded"] == info["outbox_deliverable"]
+    assert report["outbox_dead"] == info["outbox_poison"]
+    assert report["outbox_failed"] == info["outbox_poison"] + info["outbox_undeliverable"]
+    assert report["records_checked"] == info["expected_records_checked"]
+    assert kinds_of(pg, report["id"]) == {k: n for k, n in info["planted"].items() if n}
+    assert report["auto_repaired"] == info["expected_repairs"]
+    assert actions_of(pg, report["id"]).get("repaired") == info["expected_repairs"]
+    assert (report["expired_keys_deleted"], report["old_outbox_deleted"]) == (info["keys_expired"], info["outbox_processed_old"])
 
-    @contextmanager
-    def collection():
-        yield mongo_db.clients
-
-    outbox = outbox_step.retry_outbox(pg, collection, ctx, mongo_available=True, batch_size=200, mongo_batch_size=500, log=LOG)
-    assert outbox.succeeded == info["outbox_deliverable"]
-    assert outbox.became_dead == info["outbox_poison"]
-    assert outbox.failed == info["outbox_poison"] + info["outbox_undeliverable"]
-
-    emails = extract_step.extract_postgres(pg, ctx, log=LOG)
-    assert int(emails["in_window"].sum()) == info["emails_regular"]
-    options = diff_step.diff_options(ctx, tolerance_cents=0, repair_low_confidence=False)
-    found = diff_step.compare(mongo_db.clients, emails, ctx, options=options, batch_size=500, log=LOG)
-    kinds = found.findings["kind"].value_counts().to_dict()
-    assert kinds == {k: n for k, n in info["planted"].items() if n}
-    assert found.records_checked == info["expected_records_checked"]
-
-    repaired = repair_step.repair(pg, collection, found, ctx, max_repairs=10_000, lock_wait_seconds=5, batch_size=500, log=LOG)
-    actions = repaired.findings.loc[repaired.findings["repairable"], "action"].value_counts().to_dict()
-    assert actions == {"repaired": info["expected_repairs"]}
-    assert len(findings_of(pg)) == len(repaired.findings)  # repair writes the audit rows itself
-    cleaned = cleanup_step.cleanup(pg, retention_days=30, batch_size=10_000, log=LOG)
-    assert cleaned == {"expired_keys_deleted": info["keys_expired"], "old_outbox_deleted": info["outbox_processed_old"]}
-
-    # a second pass finds only what is never repaired automatically
-    again = diff_step.compare(mongo_db.clients, extract_step.extract_postgres(pg, ctx, log=LOG), ctx, options=options, batch_size=500, log=LOG)
-    left = again.findings["kind"].value_counts().to_dict()
-    assert left == {k: n for k, n in info["planted"].items() if n and k not in datagen.REPAIRABLE}
-    assert not again.findings["repairable"].any()
+    # a second run finds only what is never repaired automatically, and writes nothing
+    assert reconcile(PARTITION, max_repairs=10_000).success
+    second = report_rows(pg)[-1]
+    assert kinds_of(pg, second["id"]) == {k: n for k, n in info["planted"].items() if n and k not in datagen.REPAIRABLE}
+    assert second["auto_repaired"] == 0 and "repaired" not in actions_of(pg, second["id"])
 
 
-def findings_of(engine):
-    with engine.connect() as conn:
-        return conn.execute(sa.text("SELECT id FROM reconciliation_findings_current WHERE kind <> 'outbox_delivery'")).all()
+def kinds_of(engine, report_id):
+    return Counter(r["kind"] for r in finding_rows(engine, report_id) if r["kind"] != "outbox_delivery")
+
+
+def actions_of(engine, report_id):
+    return Counter(r["action"] for r in finding_rows(engine, report_id) if r["kind"] != "outbox_delivery")
 
 
 @pytest.mark.parametrize(
