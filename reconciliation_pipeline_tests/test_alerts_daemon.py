@@ -15,7 +15,7 @@ from reconciliation_pipeline import alerts
 from reconciliation_pipeline_tests.support.alerts import webhook_receiver
 from reconciliation_pipeline_tests.builders import PARTITION, add_email, reply
 from reconciliation_pipeline_tests.support import (
-    DEFS_MODULE, cli_env, Daemon, execute_args, report_rows, run_cli, sqlite_home, wait_until,
+    DEFS_MODULE, Daemon, cli_env, execute_args, report_rows, run_cli, sqlite_home, wait_until,
 )
 
 pytestmark = pytest.mark.e2e

@@ -37,7 +37,7 @@ from playwright.sync_api import sync_playwright
 from reconciliation_pipeline import demo, ledger
 from reconciliation_pipeline.partitions import hourly_partitions
 from reconciliation_pipeline.report import TABLE_COLUMNS, TABLE_ROWS
-from reconciliation_pipeline_tests.support import ASSET, JOB, cli_env, postgres_home, scratch_database, ui
+from reconciliation_pipeline_tests.support import ASSET, JOB, ui
 
 CHROMIUM = ui.chromium_path()
 
@@ -86,10 +86,7 @@ def artifacts() -> Path:
 def dagster_ui(demo_drift, pg_url: str, mongo_db: Any, service_env: dict[str, str], tmp_path: Path,
                artifacts: Path) -> Iterator[ui.DagsterDev]:
     """`dagster dev` on a free loopback port over the test's databases, with its own PostgreSQL storage."""
-    with scratch_database(service_env.get("DAGSTER_POSTGRES_URL") or service_env["RECON_POSTGRES_URL"]) as storage_url:
-        home = postgres_home(tmp_path / "dagster_home")
-        env = cli_env(pg_url=pg_url, mongo_uri=service_env["RECON_MONGO_URI"], mongo_db=mongo_db.name,
-                         dagster_home=home, dagster_postgres_url=storage_url)
+    with ui.dev_env(service_env, pg_url=pg_url, mongo_db=mongo_db.name, home=tmp_path / "dagster_home") as env:
         dev = ui.start_dagster_dev(env, artifacts / "dagster_dev.log", timeout=120)
         try:
             yield dev
@@ -375,13 +372,10 @@ def history_ui(pg: sa.Engine, pg_url: str, mongo_db: Any, service_env: dict[str,
     HISTORY_ARTIFACTS.mkdir(parents=True, exist_ok=True)
     for old in HISTORY_ARTIFACTS.glob("*.png"):
         old.unlink()
-    with scratch_database(service_env.get("DAGSTER_POSTGRES_URL") or service_env["RECON_POSTGRES_URL"]) as storage_url:
-        home = postgres_home(tmp_path / "dagster_home")
-        env = cli_env(pg_url=pg_url, mongo_uri=service_env["RECON_MONGO_URI"], mongo_db=mongo_db.name,
-                         dagster_home=home, dagster_postgres_url=storage_url)
+    with ui.dev_env(service_env, pg_url=pg_url, mongo_db=mongo_db.name, home=tmp_path / "dagster_home") as env:
         for name in ("RECON_POSTGRES_URL", "RECON_MONGO_URI", "RECON_MONGO_DB", "DAGSTER_HOME", "DAGSTER_POSTGRES_URL"):
             monkeypatch.setenv(name, env[name])
-        with dg.DagsterInstance.from_config(str(home)) as instance:
+        with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
             results = demo.replay_history(pg, mongo_db, instance, demo.history_partitions(HISTORY_LAST),
                                           tmp_path / "demo-runs.log", out=sys.stdout)
         assert all(h.success for h in results)

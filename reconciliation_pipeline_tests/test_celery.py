@@ -25,8 +25,8 @@ import sqlalchemy as sa
 from benchmarks import datagen
 from reconciliation_pipeline_tests.builders import PARTITION, WINDOW_END
 from reconciliation_pipeline_tests.support import (
-    free_port, REPO, cli_env, execute_args, finding_rows, kill_group, postgres_home, report_rows, run_cli, scratch_database,
-    wait_until,
+    REPO, cli_env, execute_args, finding_rows, free_port, kill_group, postgres_home, report_rows, run_cli,
+    scratch_database, wait_until,
 )
 
 CELERY_JOB = "reconciliation_celery_job"

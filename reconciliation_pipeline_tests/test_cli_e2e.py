@@ -20,9 +20,9 @@ import sqlalchemy as sa
 
 from reconciliation_pipeline_tests.builders import IN_WINDOW, PARTITION, WINDOW_END, add_client, add_email, creditor, reply
 from reconciliation_pipeline_tests.support import (
-    execute_args, CHECK_NAMES, DEFS_MODULE, JOB, Daemon, amounts, check_evaluations, scratch_database,
-    finding_rows, job_runs, materializations, mongo_snapshot, partition_end_utc, report_rows, run_cli, run_debug,
-    cli_env, wait_until, postgres_home, write_config,
+    CHECK_NAMES, DEFS_MODULE, JOB, Daemon, amounts, check_evaluations, cli_env, execute_args, finding_rows,
+    job_runs, materializations, mongo_snapshot, partition_end_utc, postgres_home, report_rows, run_cli, run_debug,
+    scratch_database, wait_until, write_config,
 )
 
 pytestmark = pytest.mark.e2e

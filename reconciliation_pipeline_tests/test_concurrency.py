@@ -30,7 +30,7 @@ from reconciliation_pipeline_tests.builders import (
     PARTITION, WINDOW_END, add_client, add_email, add_outbox, creditor, reply,
 )
 from reconciliation_pipeline_tests.support import (
-    REPO, cli_env, CliProcess, execute_args, finding_rows, mongo_port, MongoCutProxy, outbox, postgres_home,
+    REPO, CliProcess, MongoCutProxy, cli_env, execute_args, finding_rows, mongo_port, outbox, postgres_home,
     report_rows, run_cli, scratch_database, sqlite_home, wait_until, write_config,
 )
 

@@ -33,9 +33,9 @@ from reconciliation_pipeline_tests.builders import (
     PARTITION, WINDOW_END, add_client, add_email, add_key, add_outbox, creditor, reply,
 )
 from reconciliation_pipeline_tests.support import (
-    BLACKHOLE, DOWN, DROP, FORWARD_THEN_CUT, UP, CliProcess, CutRule, MongoCutProxy, finding_rows, cli_env, element,
-    execute_args, mongo_port, write_config, outbox, pipeline_backends, report_rows, postgres_home, run_cli, rows,
-    scratch_database, snapshot, sqlite_home, terminate_pipeline_backends, wait_until,
+    BLACKHOLE, DOWN, DROP, FORWARD_THEN_CUT, UP, CliProcess, CutRule, MongoCutProxy, cli_env, element,
+    execute_args, finding_rows, mongo_port, outbox, pipeline_backends, postgres_home, report_rows, rows, run_cli,
+    scratch_database, snapshot, sqlite_home, terminate_pipeline_backends, wait_until, write_config,
 )
 
 SPARKASSE = "forderungen@sparkasse-bochum.de"

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from reconciliation_pipeline.resources import MongoResource
 from reconciliation_pipeline_tests.builders import IN_WINDOW, add_client, add_email, add_outbox, creditor, reply
 from reconciliation_pipeline_tests.support import (
-    MongoCutProxy, finding_rows, changed_documents, mongo_port, outbox, report_rows, reset_data, snapshot,
+    MongoCutProxy, changed_documents, finding_rows, mongo_port, outbox, report_rows, reset_data, snapshot,
 )
 
 SPARKASSE = "forderungen@sparkasse-bochum.de"

@@ -51,7 +51,7 @@ from reconciliation_pipeline.resources import MongoResource, PostgresResource, R
 from reconciliation_pipeline.schema import idempotency_keys, incoming_emails, outbox_messages
 from reconciliation_pipeline.run.audit_rows import IN_FLIGHT
 from reconciliation_pipeline_tests.support import (
-    FORWARD_THEN_CUT, cli_env, CutRule, free_port, mongo_port, MongoCutProxy, run_cli, sqlite_home, write_config,
+    FORWARD_THEN_CUT, CutRule, MongoCutProxy, cli_env, execute_args, free_port, mongo_port, run_cli, sqlite_home, write_config,
 )
 
 EXAMPLES = int(os.environ.get("RECON_MODEL_EXAMPLES", "12"))
@@ -168,9 +168,7 @@ class Stores:
     def cli(self, plan: RunPlan, mongo_uri: str) -> tuple[int, str]:
         config = write_config(self.tmp / "run_config.json", dry_run=plan.dry_run, max_repairs=plan.max_repairs,
                               repair_lock_wait_seconds=5)
-        tags = {"dagster/partition": partition_key_ending(plan.partition_end), LOOKBACK_TAG: str(plan.lookback)}
-        args = ["job", "execute", "-m", "reconciliation_pipeline.definitions", "-j", "reconciliation_job",
-                "--tags", json.dumps(tags), "-c", str(config)]
+        args = execute_args(partition_key_ending(plan.partition_end), config, **{LOOKBACK_TAG: str(plan.lookback)})
         env = cli_env(pg_url=self.pg_url, mongo_uri=mongo_uri, mongo_db=self.db_name, dagster_home=self.home,
                       fault=plan.kill_at)
         result = run_cli(args, env, self.tmp / "cli_logs", timeout=180)

@@ -23,7 +23,7 @@ from sqlalchemy.engine import make_url
 
 from reconciliation_pipeline_tests.builders import PARTITION, add_client, add_email, add_outbox, creditor, reply
 from reconciliation_pipeline_tests.support import (
-    finding_rows, cli_env, execute_args, free_port, mongo_port, report_rows, run_cli, sqlite_home, write_config,
+    cli_env, execute_args, finding_rows, free_port, mongo_port, report_rows, run_cli, sqlite_home, write_config,
 )
 
 PASSWORD = "S3cr3t-Pa55-xyz"

@@ -62,16 +62,10 @@ def outbox(engine: sa.Engine) -> dict[int, dict]:
     return {r["id"]: r for r in rows(engine, "SELECT * FROM outbox_messages ORDER BY id")}
 
 
-def audit_rows(engine: sa.Engine) -> list[dict]:
-    return rows(engine, "SELECT * FROM reconciliation_findings_current ORDER BY id")
-
-
 def reset_data(engine: sa.Engine, db: Any) -> None:
     """Empty the application's and the pipeline's tables and the clients collection (between examples)."""
     with engine.begin() as conn:
-        conn.execute(sa.text(
-            f"TRUNCATE {DATA_TABLES} RESTART IDENTITY CASCADE"
-        ))
+        conn.execute(sa.text(f"TRUNCATE {DATA_TABLES} RESTART IDENTITY CASCADE"))
     db.clients.delete_many({})
 
 
@@ -97,23 +91,17 @@ def amounts(db: Any) -> dict[tuple[str, str], Any]:
 
 
 def report_rows(engine: sa.Engine, partitions: Sequence[str] | None = None) -> list[dict]:
-    sql = "SELECT * FROM reconciliation_reports"
-    params: dict[str, Any] = {}
-    if partitions is not None:
-        sql += " WHERE partition_key = ANY(:p)"
-        params["p"] = list(partitions)
-    with engine.connect() as conn:
-        return [dict(r) for r in conn.execute(sa.text(sql + " ORDER BY id"), params).mappings()]
+    """Report rows (of these partitions), oldest first."""
+    if partitions is None:
+        return rows(engine, "SELECT * FROM reconciliation_reports ORDER BY id")
+    return rows(engine, "SELECT * FROM reconciliation_reports WHERE partition_key = ANY(:p) ORDER BY id", p=list(partitions))
 
 
 def finding_rows(engine: sa.Engine, report_id: int | None = None) -> list[dict]:
-    sql = "SELECT * FROM reconciliation_findings_current"
-    params: dict[str, Any] = {}
-    if report_id is not None:
-        sql += " WHERE report_id = :r"
-        params["r"] = report_id
-    with engine.connect() as conn:
-        return [dict(r) for r in conn.execute(sa.text(sql + " ORDER BY id"), params).mappings()]
+    """The audit table as it stands (each finding with its latest outcome), of one report or all, oldest first."""
+    if report_id is None:
+        return rows(engine, "SELECT * FROM reconciliation_findings_current ORDER BY id")
+    return rows(engine, "SELECT * FROM reconciliation_findings_current WHERE report_id = :r ORDER BY id", r=report_id)
 
 
 # --------------------------------------------------------------------------------------- instance

@@ -9,10 +9,12 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from reconciliation_pipeline_tests.support.env import cli_env, postgres_home, scratch_database
 from reconciliation_pipeline_tests.support.processes import DAGSTER, DEFS_MODULE, JOB, REPO, SCHEDULE, free_port, kill_group
 
 ARTIFACTS = REPO / "test-artifacts" / "browser"
@@ -28,6 +30,15 @@ def chromium_path() -> str | None:
     if os.access("/usr/bin/chromium", os.X_OK):
         return "/usr/bin/chromium"
     return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@contextmanager
+def dev_env(service_env: Mapping[str, str], *, pg_url: str, mongo_db: str, home: Path) -> Iterator[dict[str, str]]:
+    """The environment of `dagster dev` over the test's databases: the repository's dagster.yaml in `home`,
+    Dagster's storage in a scratch database on the server of DAGSTER_POSTGRES_URL (dropped after)."""
+    with scratch_database(service_env.get("DAGSTER_POSTGRES_URL") or service_env["RECON_POSTGRES_URL"]) as storage_url:
+        yield cli_env(pg_url=pg_url, mongo_uri=service_env["RECON_MONGO_URI"], mongo_db=mongo_db,
+                      dagster_home=postgres_home(home), dagster_postgres_url=storage_url)
 
 
 class DagsterDev:
