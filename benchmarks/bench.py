@@ -583,10 +583,11 @@ def print_table(res: dict[str, Any]) -> None:
             note = ""
             if name == "extract_postgres":
                 note = f"{sec / fpg:.2f}x the PostgreSQL floor, {p['rows']['emails_read']:,} rows"
-            elif name == "compare_shard":
+            elif name == "extract_mongo":
                 cmds = p["mongo_commands"].get(name, {})
-                note = (f"{sec / fmo:.2f}x the MongoDB floor; {cmds.get('find', 0)} find + {cmds.get('getMore', 0)} getMore; "
-                        f"{p['rows']['records_checked']:,} pairs, {sum(p['findings_by_kind'].values()):,} findings")
+                note = f"{sec / fmo:.2f}x the MongoDB floor; {cmds.get('find', 0)} find + {cmds.get('getMore', 0)} getMore"
+            elif name == "diff":
+                note = f"{p['rows']['records_checked']:,} pairs, {sum(p['findings_by_kind'].values()):,} findings"
             elif name == "route_emails":
                 cmds = p["mongo_commands"].get("route_emails", {})
                 note = f"name lookups for emails without aktenzeichen: {cmds.get('find', 0)} find + {cmds.get('getMore', 0)} getMore"

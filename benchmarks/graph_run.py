@@ -35,7 +35,7 @@ def partition_for(start: datetime, end: datetime) -> tuple[str, int]:
 
 
 def op_name(step_key: str) -> str:
-    """`reconciliation_report.compare_shard[shard_0]` -> `compare_shard` (mapped steps add up per op)."""
+    """`reconciliation_report.extract_mongo[shard_0]` -> `extract_mongo` (mapped steps add up per op)."""
     return step_key.split(".")[-1].split("[")[0]
 
 

@@ -26,7 +26,7 @@ def reconciliation_report():
     outbox = ops.retry_outbox(run)
     emails = ops.extract_postgres(run, outbox)
     shards = ops.route_emails(emails)
-    diff = ops.merge_diffs(shards.map(lambda shard: ops.compare_shard(run, shard)).collect())
+    diff = ops.merge_diffs(shards.map(lambda shard: ops.diff(run, shard, ops.extract_mongo(run, shard))).collect())
     repaired = ops.repair_mongo(run, diff)
     cleaned = ops.cleanup(run, outbox)
     return ops.finish_report(run, outbox, repaired, cleaned)

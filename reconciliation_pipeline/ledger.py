@@ -74,7 +74,7 @@ def compared_pairs(emails: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame({c: pd.Series([], dtype=object) for c in COMPARED_COLUMNS})
     return pd.DataFrame({
         "client_aktenzeichen": _on_distinct(window["route"], _az), "creditor_email": _on_distinct(window["from_email_key"], _address),
-        "email_id": window["email_id"].astype(object),
+        "email_id": window["email_id"].astype("int64"),
     }).reset_index(drop=True)
 
 

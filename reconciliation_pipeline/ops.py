@@ -10,7 +10,7 @@ from reconciliation_pipeline.run import diff as diff_step
 from reconciliation_pipeline.run import extract as extract_step
 from reconciliation_pipeline.run import outbox as outbox_step
 from reconciliation_pipeline.run import repair as repair_step
-from reconciliation_pipeline.run.types import DiffResult, MongoShard, OutboxResult, RepairResult, RunContext, window_for
+from reconciliation_pipeline.run.types import DiffResult, MongoExtract, MongoShard, OutboxResult, RepairResult, RunContext, window_for
 from reconciliation_pipeline.io_managers import REPORT_TABLE
 from reconciliation_pipeline.liveness import close_stale_reports
 from reconciliation_pipeline.partitions import hourly_partitions
@@ -101,16 +101,23 @@ def route_emails(context: dg.OpExecutionContext, emails: pd.DataFrame, mongo: Mo
 
 
 @dg.op(retry_policy=READ_RETRY)
-def compare_shard(
-    context: dg.OpExecutionContext, run: RunContext, shard: MongoShard, mongo: MongoResource,
-    settings: ReconciliationSettings,
+def extract_mongo(
+    context: dg.OpExecutionContext, run: RunContext, shard: MongoShard, mongo: MongoResource, settings: ReconciliationSettings
+) -> MongoExtract:
+    """Read one shard's client documents from MongoDB in batches into narrow frames (clients, creditor elements)."""
+    with mongo.get_clients_collection() as collection:
+        return extract_step.extract_mongo(collection, shard, run, batch_size=settings.mongo_keys_per_query, log=context.log)
+
+
+@dg.op
+def diff(
+    context: dg.OpExecutionContext, run: RunContext, shard: MongoShard, extracted: MongoExtract, settings: ReconciliationSettings
 ) -> DiffResult:
-    """Read one shard's client documents in batches and diff each against its emails (pandas, vectorised)."""
+    """Diff one shard's emails against its client documents (vectorised pandas), part by part as read."""
     options = diff_step.diff_options(
         run, tolerance_cents=settings.amount_tolerance_cents, repair_low_confidence=settings.repair_low_confidence
     )
-    with mongo.get_clients_collection() as collection:
-        return diff_step.compare_shard(collection, shard, run, options=options, batch_size=settings.mongo_keys_per_query, log=context.log)
+    return diff_step.diff_shard(shard, extracted, options=options, keys_per_diff=settings.mongo_keys_per_query, log=context.log)
 
 
 @dg.op

@@ -143,7 +143,7 @@ class ReconciliationSettings(dg.ConfigurableResource):
     outbox_batch_size: int = Field(default=1000, ge=1, description="Outbox messages claimed per transaction")
     cleanup_batch_size: int = Field(default=10_000, ge=1, description="Rows deleted per cleanup transaction")
     mongo_batch_size: int = Field(default=500, ge=1, description="Client documents per MongoDB bulk write / read-back")
-    mongo_keys_per_query: int = Field(default=10_000, ge=1, description="Aktenzeichen per `$in` read, compared as one batch (bounds memory: documents in flight)")
+    mongo_keys_per_query: int = Field(default=10_000, ge=1, description="Aktenzeichen per vectorised diff call (and at most per `$in` read; documents are decoded 1,000 at a time)")
     mongo_full_scan_ratio: float = Field(default=0.5, ge=0, description="If the window names at least this share of all client documents, read the collection in one sorted pass instead of `$in` batches (above 1: never)")
     mongo_shards: int = Field(default=1, ge=1, le=64, description="Parallel compare ops (hash slices of the aktenzeichen); parallel with the multiprocess executor")
     repair_lock_wait_seconds: int = Field(default=300, ge=0, description="How long to wait for another run's MongoDB writes")

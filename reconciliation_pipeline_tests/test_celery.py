@@ -175,12 +175,12 @@ def test_celery_job_runs_the_shards_on_the_workers_and_matches_an_in_process_run
         celery_hosts = {ev.step_key: ev.event_specific_data.metadata["Celery worker"].value
                         for ev in events if ev.event_type == dg.DagsterEventType.ENGINE_EVENT
                         and "in celery worker" in (ev.message or "")}
-        shard_steps = sorted(k for k in starts if "compare_shard" in k)
+        shard_steps = sorted(k for k in starts if ".extract_mongo[" in k or ".diff[" in k)
         evidence = "\n".join(f"  {k:<52} pid {starts[k]:<7} celery worker {celery_hosts.get(k)}" for k in sorted(starts))
         print(f"\nlauncher (dagster job execute): pid {launcher_pid} on {socket.gethostname()}, cli pid {launched.get('pid')}\n"
               f"worker process trees: {sorted(worker_pids)}\nstep -> process:\n{evidence}")
         assert launcher_pid == launched["pid"], (launcher_pid, launched)
-        assert len(shard_steps) == 2, evidence
+        assert len(shard_steps) == 4, evidence  # extract_mongo and diff of each of the two shards
         worker_names = {f"recon{n}-{queue}@{socket.gethostname()}" for n in (1, 2)}
         for step, pid in starts.items():  # every step, not only the shards
             assert pid in worker_pids and pid != launcher_pid, (step, evidence, worker_pids)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -16,7 +17,8 @@ from bson.tz_util import utc as bson_utc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reconciliation_pipeline.run.types import DiffResult, MongoShard, OutboxResult, RunContext
+from reconciliation_pipeline.run.types import DiffResult, MongoExtract, MongoShard, OutboxResult, RunContext
+from reconciliation_pipeline.store.frame_files import FrameParts
 from reconciliation_pipeline.io_managers import RUN_FILES_DIR, read_value, write_value
 from reconciliation_pipeline_tests.builders import PARTITION
 from reconciliation_pipeline_tests.support import (
@@ -42,6 +44,8 @@ def frame():
         "mongo_raw": pd.Series(["1.234,56", {"$ne": None}, 12.5], dtype=object),
         "mixed_missing": pd.Series([None, np.nan, pd.NA], dtype=object),
         "s": pd.Series(["a", None, "c"], dtype="str"),
+        "s_na": pd.Series(["a", None, "a"], dtype="string[python]"),
+        "s_arrow": pd.Series(["a", None, "a"], dtype="string[pyarrow]"),
     }).set_index(pd.Index([4, 7, 9]))
 
 
@@ -70,6 +74,34 @@ def test_frames_and_dataclasses_with_frames_and_documents_round_trip(tmp_path):
     assert (back.aktenzeichen, back.named_keys, back.full_scan) == (shard.aktenzeichen, shard.named_keys, False)
     diff = DiffResult(frame().iloc[:0], 0, True)
     pd.testing.assert_frame_equal(roundtrip(diff, tmp_path).findings, diff.findings)
+
+
+def test_string_columns_come_back_with_each_distinct_string_once(tmp_path):
+    back = roundtrip(frame(), tmp_path)
+    for column in ("s_na", "az_key"):
+        assert back[column].iloc[0] is not None
+    assert back["s_na"].iloc[0] is back["s_na"].iloc[2]  # a million emails name a few thousand creditors
+
+
+def test_mongo_amounts_keep_their_exact_types(tmp_path):
+    raw = pd.Series([12.5, -0.0, float("nan"), 3, True, None, Decimal128("1.10"), "\x00<absent>", 2**63, {"$ne": None}], dtype=object)
+    back = roundtrip(pd.DataFrame({"mongo_raw": raw}), tmp_path)["mongo_raw"]
+    assert [type(v) for v in back] == [type(v) for v in raw]
+    assert [repr(v) for v in back] == [repr(v) for v in raw]  # -0.0 and nan included
+
+
+def test_frame_parts_are_stored_a_file_each_and_read_back_lazily(tmp_path):
+    parts = FrameParts()
+    for n in range(3):
+        parts.append(frame().iloc[:n])
+    extract = MongoExtract(0, parts, FrameParts(), pd.DataFrame({"part": [0]}), pd.DataFrame(), pd.DataFrame())
+    write_value(extract, tmp_path / "out")
+    manifest = json.loads((tmp_path / "out" / "value.json").read_text())
+    assert len(manifest["fields"]["clients"]["$parts"]) == 3  # a file a part
+    back = read_value(tmp_path / "out")
+    assert (len(back.clients), back.clients.rows, len(back.elements)) == (3, 3, 0)
+    for n in range(3):
+        pd.testing.assert_frame_equal(back.clients[n], frame().iloc[:n], check_exact=True)
 
 
 def test_refuses_what_it_cannot_store_exactly(tmp_path):

@@ -45,7 +45,12 @@ def test_extract_diff_and_report_ops(resources, pg, mongo_db):
     assert isinstance(emails, pd.DataFrame) and emails["in_window"].sum() == 1
     [shard] = [o.value for o in ops.route_emails(ctx, emails)]
     assert shard.aktenzeichen == ("542900",) and len(shard.emails) == 1
-    diff = ops.merge_diffs(ctx, [ops.compare_shard(ctx, run, shard)])
+    extracted = ops.extract_mongo(ctx, run, shard)
+    clients, elements = extracted.clients.concat(), extracted.elements.concat()
+    assert list(clients["aktenzeichen"]) == ["542900"] and len(elements) == 1 == extracted.elements.rows
+    assert set(clients) == {"client_id", "aktenzeichen", "az_key", "name_key"}  # narrow: keys, no names
+    assert list(extracted.parts["kind"]) == ["routed", "rest"] and len(extracted.clients) == 2  # a part per batch, then the rest
+    diff = ops.merge_diffs(ctx, [ops.diff(ctx, run, shard, extracted)])
     assert list(diff.findings["kind"]) == ["data_mismatch"] and diff.records_checked == 1
     repaired = ops.repair_mongo(ctx, run, diff)
     assert list(repaired.findings["action"]) == ["repaired"]

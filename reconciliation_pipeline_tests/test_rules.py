@@ -206,7 +206,7 @@ def test_crash_leaves_a_failed_report(pg, mongo_db, reconcile, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("simulated crash in the diff")
 
-    monkeypatch.setattr(diff_step, "compare_shard", boom)
+    monkeypatch.setattr(diff_step, "diff_shard", boom)
     result = reconcile(raise_on_error=False)
     assert not result.success
     [report] = reports(pg)

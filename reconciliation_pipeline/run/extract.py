@@ -1,8 +1,9 @@
-"""Step 2, extract (RULES.md section 2): the window's emails from PostgreSQL, routed to MongoDB shards."""
+"""Step 2, extract (RULES.md section 2): the window's emails from PostgreSQL, routed to shards, and each shard's client documents from MongoDB."""
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -14,9 +15,12 @@ from sqlalchemy.engine import Engine
 from reconciliation_pipeline.core.frames import prepare_clients, prepare_emails
 from reconciliation_pipeline.core.keys import client_name_key, last_name_patterns, route_key
 from reconciliation_pipeline.core.matching import match_clients
-from reconciliation_pipeline.run.types import Logger, MongoShard, RunContext
+from reconciliation_pipeline.run.types import REST, ROUTED, UNSEEN, Logger, MongoExtract, MongoShard, RunContext, progress
 from reconciliation_pipeline.store import mongo as mongo_store
 from reconciliation_pipeline.store import postgres as pg
+from reconciliation_pipeline.store.frame_files import FrameParts
+
+READ_DOCUMENTS = 1000  # client documents decoded at a time: ~10 MB of dicts, not ~100 MB per 10,000
 
 
 def _prepared(chunks: Any, log: Logger, what: str) -> pd.DataFrame:
@@ -95,3 +99,94 @@ def route_slot(route: str | None, count: int) -> int:
     """The shard of a route key."""
     # unrouted emails and documents without a usable aktenzeichen belong to shard 0
     return 0 if count == 1 or route is None or route.startswith("\x00") else _slot(route, count)
+
+
+def extract_mongo(
+    collection: Collection, shard: MongoShard, ctx: RunContext, *, batch_size: int, log: Logger, read_size: int = READ_DOCUMENTS
+) -> MongoExtract:
+    """Read one shard's client documents in batches into narrow frames, in the parts `diff_shard` compares.
+
+    Documents are decoded `read_size` at a time (at most `batch_size` aktenzeichen per `$in`), and
+    each batch becomes a part: (clients, creditor elements) rows kept as Parquet bytes (FrameParts),
+    so neither the documents nor a Python object per cell piles up. The client ids and
+    routes kept across batches are numpy text, for the same reason: a few survivors per memory page
+    of a batch's documents would keep every page of them.
+    """
+    if not shard.available:
+        return MongoExtract.skipped(shard.index, shard.error)
+    clients_parts, element_parts = FrameParts(), FrameParts()
+    keys: list[np.ndarray] = []
+    key_parts: list[np.ndarray] = []
+    parts: list[tuple[int, str, bool]] = []
+    seen_ids: list[np.ndarray] = []  # documents whose extras a part judges
+
+    def add(kind: str, clients: pd.DataFrame, elements: pd.DataFrame, routes: Sequence[str] = (), has_documents: bool = True) -> None:
+        part = len(parts)
+        parts.append((part, kind, has_documents))
+        clients_parts.append(clients)
+        element_parts.append(elements)
+        keys.append(np.array(routes, dtype=str))
+        key_parts.append(np.full(len(routes), part, dtype=np.int64))
+
+    def seen() -> set[str]:
+        return set(np.concatenate(seen_ids).tolist()) if seen_ids else set()
+
+    held: list = []  # full scan: documents a name-only email may mean, compared at the end with those emails
+    try:
+        read = min(read_size, batch_size)  # two batches in flight with the prefetch
+        if shard.full_scan:
+            batches = mongo_store.iter_all_clients(collection, read)
+        else:
+            batches = mongo_store.iter_clients_by_aktenzeichen(collection, shard.aktenzeichen, read)
+        batches = mongo_store.prefetched(batches)
+        total = max(1, -(-len(shard.aktenzeichen) // read))
+        report_progress = progress(log, f"extract mongo shard {shard.index}")
+        for done, (routes, docs) in enumerate(batches, start=1):
+            clients, elements = prepare_clients(docs)
+            if shard.named_keys:
+                clients, elements, routes = _hold_back_named(clients, elements, docs, routes, shard.named_keys, held)
+            add(ROUTED, clients, elements, routes)
+            seen_ids.append(clients["client_id"].to_numpy(object).astype(str))
+            report_progress(min(done, total), total)
+        named = held if shard.full_scan else shard.named_documents
+        clients, elements = prepare_clients(named)
+        if shard.full_scan:
+            owned: set[str] = set(clients["client_id"])  # held back: compared nowhere else
+        else:
+            owned = {str(d["_id"]) for d in shard.named_documents if mongo_store.document_route(d).startswith("\x00")}
+        judged = seen()
+        owned -= judged
+        add(REST, clients, elements, has_documents=bool(named))
+        judged |= owned
+        if not shard.full_scan:  # documents with an answer in the window that no email of the window names
+            unseen = [
+                d["_id"] for d in mongo_store.iter_answered_since(collection, ctx.window_start)
+                if str(d["_id"]) not in judged and route_slot(mongo_store.document_route(d), shard.count) == shard.index
+            ]
+            for docs in mongo_store.iter_by_ids(collection, unseen, batch_size):
+                add(UNSEEN, *prepare_clients(docs))
+    except ConnectionFailure as exc:
+        log.warning(f"extract mongo: MongoDB unreachable ({type(exc).__name__}); comparison skipped")
+        return MongoExtract.skipped(shard.index, f"MongoDB unreachable: {type(exc).__name__}")
+    extracted = MongoExtract(
+        shard.index, clients_parts, element_parts, pd.DataFrame(parts, columns=["part", "kind", "has_documents"]),
+        pd.DataFrame({"part": np.concatenate(key_parts), "route": np.concatenate(keys).astype(object)}),
+        pd.DataFrame({"client_id": sorted(owned)}, dtype=object),
+    )
+    log.info(f"extract mongo shard {shard.index}: {clients_parts.rows} client documents, "
+             f"{element_parts.rows} creditor elements in {len(parts)} parts")
+    return extracted
+
+
+def _hold_back_named(
+    clients: pd.DataFrame, elements: pd.DataFrame, docs: list, keys: list[str], named_keys: frozenset, held: list
+) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """Take the documents a name-only email may mean out of a full-pass batch (into `held`), with
+    every document of their aktenzeichen, so that they are compared once, with all their emails."""
+    routes = pd.Series([route_key(a, c) for a, c in zip(clients["aktenzeichen"], clients["client_id"])], index=clients.index)
+    hold = set(routes[clients["name_key"].isin(named_keys)])
+    if not hold:
+        return clients, elements, keys
+    held += [d for d in docs if mongo_store.document_route(d) in hold]
+    keep = ~routes.isin(hold)
+    return clients[keep], elements[elements["client_id"].isin(clients.loc[keep, "client_id"])], [k for k in keys if k not in hold]

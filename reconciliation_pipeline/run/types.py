@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 
 from reconciliation_pipeline.core import diff as core_diff
+from reconciliation_pipeline.store.frame_files import FrameParts
 
 Logger = logging.Logger | Any  # Dagster's DagsterLogManager has the same interface
 
@@ -86,6 +87,37 @@ class MongoShard:
     named_keys: frozenset = frozenset()  # full scan: name keys of the emails to resolve during the pass
     available: bool = True
     error: str | None = None
+
+
+ROUTED, REST, UNSEEN = "routed", "rest", "unseen"  # the parts of a MongoExtract
+
+
+@dataclass
+class MongoExtract:
+    """One shard's client documents as narrow frames, in the parts the diff compares one at a time.
+
+    Parts, in read order: `routed` (a batch read by aktenzeichen, compared with the emails routed to
+    its `keys`), one `rest` (the documents found by name or held back by the full pass, compared with
+    the emails no batch took; only the extras of `owned` documents are judged there) and `unseen`
+    (documents with an answer in the window that no email names: their extras only). Part i of
+    `clients` and of `elements` is row i of `parts`; both are kept as Parquet bytes, so a million
+    creditor elements hold no Python object a cell (and no page of the documents they came from).
+    """
+
+    shard: int
+    clients: FrameParts
+    elements: FrameParts
+    parts: pd.DataFrame  # part, kind, has_documents
+    keys: pd.DataFrame  # part, route: the route keys of each routed part
+    owned: pd.DataFrame  # client_id: the documents whose extras the rest part judges
+    available: bool = True
+    error: str | None = None
+
+    @classmethod
+    def skipped(cls, shard: int, error: str | None) -> MongoExtract:
+        """Nothing read: MongoDB was unreachable."""
+        empty = pd.DataFrame()
+        return cls(shard, FrameParts(), FrameParts(), empty, empty, empty, available=False, error=error)
 
 
 @dataclass
