@@ -117,3 +117,26 @@ def test_preflight_job_and_durable_mongo_defaults(defs: dg.Definitions) -> None:
     assert [n.name for n in job.graph.nodes] == ["preflight_checks"]
     mongo = defs.resources["mongo"]
     assert mongo.mongo_write_concern == "majority" and mongo.allow_weak_write_concern is False
+
+
+def test_the_report_graph_has_the_ops_the_design_names(defs: dg.Definitions) -> None:
+    """open_report -> retry_outbox -> extract_postgres -> (route) -> extract_mongo -> diff -> (merge) -> repair_mongo, cleanup -> finish_report."""
+    from reconciliation_pipeline.assets import reconciliation_report
+
+    graph = reconciliation_report.node_def
+    upstream = {
+        node.name: sorted({dep.node_name for dep in graph.dependency_structure.all_upstream_outputs_from_node(node.name)})
+        for node in graph.nodes
+    }
+    assert upstream == {
+        "open_report": [],
+        "retry_outbox": ["open_report"],
+        "extract_postgres": ["open_report", "retry_outbox"],
+        "route_emails": ["extract_postgres"],
+        "extract_mongo": ["open_report", "route_emails"],
+        "diff": ["extract_mongo", "open_report", "route_emails"],
+        "merge_diffs": ["diff"],
+        "repair_mongo": ["merge_diffs", "open_report"],
+        "cleanup": ["open_report", "retry_outbox"],
+        "finish_report": ["cleanup", "open_report", "repair_mongo", "retry_outbox"],
+    }
