@@ -9,7 +9,7 @@ from pymongo.collection import Collection
 from reconciliation_pipeline import ledger
 from reconciliation_pipeline.core import diff as core_diff
 from reconciliation_pipeline.run.extract import extract_mongo, route_emails
-from reconciliation_pipeline.run.types import REST, ROUTED, DiffResult, Logger, MongoExtract, MongoShard, RunContext, counts_text
+from reconciliation_pipeline.run.types import REST, ROUTED, DiffResult, Logger, MongoExtract, MongoShard, RunContext, counts_text, progress
 
 
 def _concat_findings(frames: list[pd.DataFrame]) -> pd.DataFrame:
@@ -46,7 +46,9 @@ def diff_shard(
         checked += n
 
     group: list[int] = []  # consecutive routed parts: their emails are one contiguous run of emails_of
+    report_progress = progress(log, f"diff shard {shard.index}")
     for part, kind, has_documents in zip(extracted.parts["part"], extracted.parts["kind"], extracted.parts["has_documents"]):
+        report_progress(part + 1, len(extracted.parts))
         if kind == ROUTED:
             group.append(part)
             if sum(key_counts.get(p, 0) for p in group) >= keys_per_diff:
