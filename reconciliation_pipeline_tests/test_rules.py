@@ -279,3 +279,27 @@ def test_client_found_by_name_ignoring_case_through_the_wire_server(pg, mongo_db
     add_email(pg, from_email=SPARKASSE, extracted=reply(az=None, name=client_name, amount=100))
     assert reconcile().success
     assert amounts(mongo_db) == [100.0] and amounts(mongo_db, "542901") == [1.0]
+
+
+def test_a_client_id_with_a_trailing_nul_has_its_extras_judged_once(pg, mongo_db, resources):
+    """The extract remembers which documents it judged: exactly ("c1\\0" is not "c1"), or the answered-since
+    pass reads the document again and its extra_in_mongo answers are reported twice."""
+    mongo_db.clients.insert_one({
+        "_id": "c1\x00", "aktenzeichen": "542900", "firstName": "Max", "lastName": "Mustermann",
+        "final_creditor_list": [creditor(SPARKASSE, 1234.56), creditor("extra@x.de", 75.0, name="Inkasso Nord", response_received_at=IN_WINDOW)],
+    })
+    for n in range(3):  # documents the window does not name: the extract reads by `$in`, then the answered-since query
+        add_client(mongo_db, f"54291{n}", [creditor("o@x.de", 1.0, name="Other")], first="Erika", last=f"Other{n}")
+    add_email(pg, from_email=SPARKASSE, extracted=reply(amount=1234.56))
+    start, end = window_for(WINDOW_END, 48)
+    ctx, log = RunContext(1, "t", None, start, end, True), _Log()
+    emails = extract_step.extract_postgres(pg, ctx, log=log)
+    with resources["mongo"].get_clients_collection() as collection:
+        [shard] = extract_step.route_emails(collection, emails, count=1, batch_size=100, full_scan_ratio=0.5, log=log)
+        assert not shard.full_scan
+        extracted = extract_step.extract_mongo(collection, shard, ctx, batch_size=100, log=log)
+    read = [cid for part in extracted.clients for cid in part["client_id"]]
+    assert read.count("c1\x00") == 1, (list(extracted.parts["kind"]), read)  # not read again as an unseen document
+    options = diff_step.diff_options(ctx, tolerance_cents=0, repair_low_confidence=False)
+    diff = diff_step.diff_shard(shard, extracted, options=options, keys_per_diff=100, log=log)
+    assert list(diff.findings["kind"]) == ["extra_in_mongo"] and list(diff.findings["client_id"]) == ["c1\x00"]

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from pymongo.collection import Collection
 from pymongo.errors import ConnectionFailure
 from sqlalchemy.engine import Engine
@@ -109,27 +110,27 @@ def extract_mongo(
     Documents are decoded `read_size` at a time (at most `batch_size` aktenzeichen per `$in`), and
     each batch becomes a part: (clients, creditor elements) rows kept as Parquet bytes (FrameParts),
     so neither the documents nor a Python object per cell piles up. The client ids and
-    routes kept across batches are numpy text, for the same reason: a few survivors per memory page
-    of a batch's documents would keep every page of them.
+    routes kept across batches are Arrow strings, for the same reason: a few survivors per memory
+    page of a batch's documents would keep every page of them.
     """
     if not shard.available:
         return MongoExtract.skipped(shard.index, shard.error)
     clients_parts, element_parts = FrameParts(), FrameParts()
-    keys: list[np.ndarray] = []
+    keys: list[pa.Array] = []
     key_parts: list[np.ndarray] = []
     parts: list[tuple[int, str, bool]] = []
-    seen_ids: list[np.ndarray] = []  # documents whose extras a part judges
+    seen_ids: list[pa.Array] = []  # documents whose extras a part judges
 
     def add(kind: str, clients: pd.DataFrame, elements: pd.DataFrame, routes: Sequence[str] = (), has_documents: bool = True) -> None:
         part = len(parts)
         parts.append((part, kind, has_documents))
         clients_parts.append(clients)
         element_parts.append(elements)
-        keys.append(np.array(routes, dtype=str))
+        keys.append(pa.array(routes, pa.string()))  # not numpy text: it drops trailing NULs
         key_parts.append(np.full(len(routes), part, dtype=np.int64))
 
     def seen() -> set[str]:
-        return set(np.concatenate(seen_ids).tolist()) if seen_ids else set()
+        return set(pa.concat_arrays(seen_ids).to_pylist()) if seen_ids else set()
 
     held: list = []  # full scan: documents a name-only email may mean, compared at the end with those emails
     try:
@@ -146,7 +147,7 @@ def extract_mongo(
             if shard.named_keys:
                 clients, elements, routes = _hold_back_named(clients, elements, docs, routes, shard.named_keys, held)
             add(ROUTED, clients, elements, routes)
-            seen_ids.append(clients["client_id"].to_numpy(object).astype(str))
+            seen_ids.append(pa.array(clients["client_id"].to_numpy(object), pa.string()))
             report_progress(min(done, total), total)
         named = held if shard.full_scan else shard.named_documents
         clients, elements = prepare_clients(named)
@@ -170,7 +171,7 @@ def extract_mongo(
         return MongoExtract.skipped(shard.index, f"MongoDB unreachable: {type(exc).__name__}")
     extracted = MongoExtract(
         shard.index, clients_parts, element_parts, pd.DataFrame(parts, columns=["part", "kind", "has_documents"]),
-        pd.DataFrame({"part": np.concatenate(key_parts), "route": np.concatenate(keys).astype(object)}),
+        pd.DataFrame({"part": np.concatenate(key_parts), "route": pa.concat_arrays(keys).to_numpy(zero_copy_only=False)}),
         pd.DataFrame({"client_id": sorted(owned)}, dtype=object),
     )
     log.info(f"extract mongo shard {shard.index}: {clients_parts.rows} client documents, "
