@@ -46,26 +46,31 @@ def diff_shard(
         checked += n
 
     group: list[int] = []  # consecutive routed parts: their emails are one contiguous run of emails_of
+    group_keys = 0
+
+    def compare_group() -> None:
+        nonlocal group, group_keys
+        if group:
+            compare(group, emails_of(group[0], group[-1]))
+        group, group_keys = [], 0
+
     report_progress = progress(log, f"diff shard {shard.index}")
     for part, kind, has_documents in zip(extracted.parts["part"], extracted.parts["kind"], extracted.parts["has_documents"]):
         report_progress(part + 1, len(extracted.parts))
         if kind == ROUTED:
             group.append(part)
-            if sum(key_counts.get(p, 0) for p in group) >= keys_per_diff:
-                compare(group, emails_of(group[0], group[-1]))
-                group = []
+            group_keys += key_counts.get(part, 0)
+            if group_keys >= keys_per_diff:
+                compare_group()
             continue
-        if group:
-            compare(group, emails_of(group[0], group[-1]))
-            group = []
+        compare_group()
         if kind == REST:  # unrouted emails, emails naming an aktenzeichen no document has, the documents found by name
             rest = emails_of(-1, -1)
             if len(rest) or has_documents:
                 compare([part], rest, rest=True)
         else:
             compare([part], emails.iloc[:0])
-    if group:
-        compare(group, emails_of(group[0], group[-1]))
+    compare_group()
     result = DiffResult(_concat_findings(parts), checked, True, compared=ledger.compared_pairs(emails))
     counts = result.findings["kind"].value_counts().to_dict() if len(result.findings) else {}
     log.info(f"diff shard {shard.index}: {len(extracted.parts)} parts, {checked} pairs compared, "
