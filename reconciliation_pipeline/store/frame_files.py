@@ -58,8 +58,12 @@ def _column_codec(values: pd.Series) -> str:
     return "floats" if float in types else "json"
 
 
-def _json_cells(cells: np.ndarray) -> pa.Array:
-    return pa.array([json.dumps(encode_json(v)) for v in cells], pa.string())
+def _to_json(cells: np.ndarray) -> list[str]:
+    return [json.dumps(encode_json(v)) for v in cells]
+
+
+def _from_json(texts: list[str]) -> np.ndarray:
+    return np.array([decode_json(json.loads(v)) for v in texts] + [None], dtype=object)[:-1]  # 1-D even for lists
 
 
 FLOATS_OTHERS = "{}\x1fjson"  # the side column of a floats column: the cells that are not floats
@@ -77,14 +81,14 @@ def write_frame(frame: pd.DataFrame, path: Path | pa.NativeFile) -> None:
             cells = frame[column].to_numpy(object, na_value=None) if codec == "str" else frame[column].to_numpy(object)
             table = table.append_column(pa.field(column, pa.string()), pa.array(cells, pa.string()))
         elif codec == "json":
-            table = table.append_column(pa.field(column, pa.string()), _json_cells(frame[column].to_numpy(object)))
+            table = table.append_column(pa.field(column, pa.string()), pa.array(_to_json(frame[column].to_numpy(object)), pa.string()))
         elif codec == "floats":
             cells = frame[column].to_numpy(object)
             is_float = np.fromiter((type(v) is float for v in cells), dtype=bool, count=len(cells))
             floats = np.zeros(len(cells))
             floats[is_float] = cells[is_float].astype(np.float64)
             others = np.full(len(cells), None, dtype=object)
-            others[~is_float] = [json.dumps(encode_json(v)) for v in cells[~is_float]]
+            others[~is_float] = _to_json(cells[~is_float])
             table = table.append_column(pa.field(column, pa.float64()), pa.array(floats, pa.float64(), mask=~is_float))
             table = table.append_column(pa.field(FLOATS_OTHERS.format(column), pa.string()), pa.array(others, pa.string()))
     strings = {c: [frame[c].dtype.storage, "NA" if frame[c].dtype.na_value is pd.NA else "nan"] for c, codec in codecs.items() if codec == "str"}
@@ -105,12 +109,12 @@ def read_frame(path: Path | pa.NativeFile) -> pd.DataFrame:
     for column in others:
         codec, cells = info["codecs"][column], table.column(column)
         if codec == "json":
-            values = np.array([decode_json(json.loads(v)) for v in cells.to_pylist()] + [None], dtype=object)[:-1]
+            values = _from_json(cells.to_pylist())
         elif codec == "floats":
             values = cells.to_numpy(zero_copy_only=False).astype(object)  # Python floats, as pymongo returned them
             rest = np.flatnonzero(~cells.is_valid().to_numpy(zero_copy_only=False))
             texts = table.column(FLOATS_OTHERS.format(column)).take(pa.array(rest)).to_pylist()
-            values[rest] = np.array([decode_json(json.loads(v)) for v in texts] + [None], dtype=object)[:-1]
+            values[rest] = _from_json(texts)
         else:
             values = _distinct_strings(cells)
         if codec == "str":
