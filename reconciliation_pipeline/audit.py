@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from reconciliation_pipeline.schema import reconciliation_findings
+from reconciliation_pipeline.schema import pg_text, reconciliation_findings
 
 LOCK_KEY = 7340210011
 GENESIS = "0" * 64
@@ -44,8 +44,10 @@ SEALED_COUNTS = (
 
 
 def _plain(v: Any) -> Any:
-    """A stored value as a plain Python value (numpy scalars, NaN/NA as None)."""
-    if v is None or isinstance(v, (str, int, dt.datetime)):
+    """A stored value as a plain Python value (numpy scalars, NaN/NA as None, text as `pg_text`)."""
+    if isinstance(v, str):
+        return pg_text(v)
+    if v is None or isinstance(v, (int, dt.datetime)):
         return v
     if hasattr(v, "item") and not isinstance(v, (list, tuple)):
         v = v.item()

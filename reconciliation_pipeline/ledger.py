@@ -33,6 +33,7 @@ from reconciliation_pipeline.core.diff import (
 )
 from reconciliation_pipeline.core.frames import held_once
 from reconciliation_pipeline.core.repair import REPAIRED, SUPERSEDED
+from reconciliation_pipeline.schema import NUL_STORED_AS, pg_text
 
 LEDGER_LOCK = 7_340_210_003  # pg advisory xact lock: one ledger update at a time (MONGO_WRITER_LOCK is ...001)
 CAUSES = ("outbox_pending", "outbox_dead", "sync_failed", "portal_newer", "invalid_source", "unmatched", "unknown")
@@ -56,13 +57,13 @@ def _ids(values: pd.Series, prefix: str) -> pd.Series:
 
 
 def problem_keys(findings: pd.DataFrame) -> pd.Series:
-    """The ledger key of each diff finding: `aktenzeichen|creditor address|kind`, ids where one is missing."""
+    """The ledger key of each diff finding: `aktenzeichen|creditor address|kind`, ids where one is missing (as `pg_text`)."""
     if findings.empty:
         return pd.Series([], dtype=object, index=findings.index)
     email = _ids(findings["email_id"], "email:")
     subject = _az(findings["aktenzeichen"]).fillna(email).fillna(_ids(findings["client_id"], "client:")).fillna("?")
     other = _address(findings["creditor_email"]).fillna(email).fillna(_ids(findings["pos"], "pos:")).fillna("?")
-    return subject + "|" + other + "|" + findings["kind"].astype(str)
+    return (subject + "|" + other + "|" + findings["kind"].astype(str)).str.replace("\x00", NUL_STORED_AS, regex=False)
 
 
 def compared_pairs(emails: pd.DataFrame) -> pd.DataFrame:
@@ -301,8 +302,9 @@ _BY_CAUSE = sa.text("SELECT cause, count(*) FROM reconciliation_drift WHERE stat
 
 
 def _array(values: pd.Series) -> list[Any]:
-    """Plain Python values (None for NA, numpy scalars unwrapped) for an unnest() parameter."""
-    return [None if v is None or v is pd.NA or (isinstance(v, float) and v != v) else (v.item() if hasattr(v, "item") else v)
+    """Plain Python values (None for NA, numpy scalars unwrapped, text as `pg_text`) for an unnest() parameter."""
+    return [None if v is None or v is pd.NA or (isinstance(v, float) and v != v) else
+            pg_text(v) if isinstance(v, str) else (v.item() if hasattr(v, "item") else v)
             for v in values.astype(object)]
 
 

@@ -6,6 +6,14 @@ import sqlalchemy as sa
 
 metadata = sa.MetaData()
 app_metadata = sa.MetaData()  # the application's tables: created only for tests and the demo
+NUL_STORED_AS = "\ufffd"
+
+
+def pg_text(value: str) -> str:
+    """`value` as PostgreSQL text can hold it: NUL (which text cannot hold) as U+FFFD, so a finding about
+    a MongoDB value with NUL in it is recorded instead of failing the run; the same value, the same text."""
+    return value.replace("\x00", NUL_STORED_AS) if "\x00" in value else value
+
 
 incoming_emails = sa.Table(
     "incoming_emails",

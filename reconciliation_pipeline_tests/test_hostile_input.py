@@ -361,3 +361,68 @@ def test_deep_nesting_as_the_amount_is_reported_not_written(pg, mongo_db, reconc
     assert snapshot(mongo_db) == before
     [row] = [r for r in finding_rows(pg) if r["email_id"] == email_id]
     assert row["action"] == "reported" and row["error"], row
+
+
+# =============================================================================== NUL in MongoDB values
+# PostgreSQL text cannot hold NUL; MongoDB strings can. A finding about such a value is recorded (NUL as
+# U+FFFD) and the run completes; a document whose _id holds NUL is never written, since the audit trail
+# could not name it exactly (the read-back of a killed run's write would look for another document).
+
+NUL_CASES = {
+    "id_with_an_extra_answer": dict(_id="c1\x00", creditors=[creditor(SPARKASSE, 1234.56), creditor(
+        "extra@x.de", 75.0, name="Inkasso Nord", response_received_at=IN_WINDOW)], kind="extra_in_mongo", written=False),
+    "id_with_a_mismatch": dict(_id="c1\x00", creditors=[creditor(SPARKASSE, 1.0)], kind="data_mismatch", written=False),
+    "id_with_a_missing_amount": dict(_id="\x00c1", creditors=[creditor(SPARKASSE)], kind="missing_in_mongo", written=False),
+    "address_of_an_extra_answer": dict(_id="c2", creditors=[creditor(SPARKASSE, 1234.56), creditor(
+        "ex\x00tra@x.de", 75.0, name="Inkasso\x00 Nord", response_received_at=IN_WINDOW)], kind="extra_in_mongo", written=False),
+    "name_of_the_repaired_element": dict(_id="c3", creditors=[creditor(SPARKASSE, 1.0, name="Spark\x00asse")],
+                                         kind="data_mismatch", written=True),
+}
+
+
+@pytest.mark.parametrize("case", list(NUL_CASES))
+def test_nul_in_a_mongodb_value_is_recorded_and_an_id_with_nul_never_written(case, pg, mongo_db, reconcile):
+    from reconciliation_pipeline import audit
+    from reconciliation_pipeline.core.diff import UNAUDITABLE_ID
+
+    spec = NUL_CASES[case]
+    mongo_db.clients.insert_one({"_id": spec["_id"], "aktenzeichen": "542900", "firstName": "Max", "lastName": "Mustermann",
+                                 "final_creditor_list": spec["creditors"]})
+    add_email(pg, from_email=SPARKASSE, extracted=reply(amount=1234.56))
+    before = snapshot(mongo_db)
+    for run in (1, 2):  # the second run finds the same problem again: the ledger knows it by the same key
+        result = reconcile(raise_on_error=False)
+        assert result.success and report_rows(pg)[-1]["status"] == "completed", report_rows(pg)[-1]
+        [row] = finding_rows(pg, report_rows(pg)[-1]["id"])
+        assert row["kind"] == spec["kind"], row
+        if spec["written"]:
+            break
+        assert row["action"] == "reported" and snapshot(mongo_db) == before
+        assert row["client_id"] == spec["_id"].replace("\x00", "\ufffd")
+        if spec["kind"] != "extra_in_mongo":
+            assert row["error"] == UNAUDITABLE_ID
+        else:
+            with pg.connect() as conn:
+                [seen] = conn.execute(sa.text("SELECT times_seen FROM reconciliation_drift WHERE kind = 'extra_in_mongo'")).scalars()
+            assert seen == run
+            assert "\x00" not in row["creditor_email"] and "extra@x.de" in row["creditor_email"].replace("\ufffd", "")
+    if spec["written"]:
+        assert row["action"] == "repaired"
+        assert snapshot(mongo_db)[spec["_id"]]["final_creditor_list"][0]["creditor_response_amount"] == 1234.56
+    with pg.connect() as conn:
+        verdict = audit.verify(conn)
+    assert verdict.ok and verdict.checked >= 2, verdict
+
+
+def test_an_outbox_message_for_a_document_whose_id_holds_nul_is_not_delivered(pg, mongo_db, reconcile):
+    from reconciliation_pipeline.core.diff import UNAUDITABLE_ID
+
+    mongo_db.clients.insert_one({"_id": "c1\x00", "aktenzeichen": "542900", "firstName": "Max", "lastName": "Mustermann",
+                                 "final_creditor_list": [creditor(SPARKASSE, 1.0)]})
+    message_id = add_outbox(pg, payload())
+    before = snapshot(mongo_db)
+    result = reconcile(raise_on_error=False)
+    assert result.success and report_rows(pg)[0]["status"] == "completed"
+    assert snapshot(mongo_db) == before
+    message = outbox(pg)[message_id]
+    assert message["processed_at"] is None and UNAUDITABLE_ID in (message["error_message"] or ""), message

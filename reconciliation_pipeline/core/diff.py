@@ -28,6 +28,9 @@ KINDS = (
 )
 REPAIRABLE_KINDS = (DATA_MISMATCH, MISSING_IN_MONGO)
 LOW_CONFIDENCE_LEVEL = 4
+# PostgreSQL text cannot hold NUL, so the audit trail could not name such a document exactly (its
+# read-back after a killed run would look for another _id): such a document is never written
+UNAUDITABLE_ID = "the client document's _id holds a NUL character, which the audit trail cannot record: not written"
 
 FINDING_COLUMNS = [
     "kind", "email_id", "client_id", "aktenzeichen", "pos", "creditor_email", "match_level",
@@ -179,13 +182,20 @@ def _attach_aktenzeichen(findings: pd.DataFrame, clients: pd.DataFrame) -> pd.Da
 
 
 def _repairable(findings: pd.DataFrame, options: DiffOptions) -> pd.Series:
-    """Repairable kinds, not low confidence unless configured, and never older than MongoDB's answer."""
+    """Repairable kinds, not low confidence unless configured, never older than MongoDB's answer, auditable ids."""
     level = findings["match_level"].fillna(0).astype(int)
     level_ok = options.repair_low_confidence | (level < LOW_CONFIDENCE_LEVEL)
     observed = pd.to_datetime(findings["observed_response_at"], utc=True)
     expected = pd.to_datetime(findings["received_at"], utc=True)
     newer_in_mongo = (observed > expected).fillna(False).astype(bool)
+    auditable = ~unauditable_ids(findings["client_id"])
     repairable = findings["kind"].isin(REPAIRABLE_KINDS)
     findings.loc[repairable & newer_in_mongo, "reason"] = "MongoDB holds a newer creditor answer than the newest synced email"
     findings.loc[repairable & ~level_ok, "reason"] = "low-confidence creditor match (level 4)"
-    return (repairable & level_ok & ~newer_in_mongo).astype(bool)
+    findings.loc[repairable & ~auditable, "reason"] = UNAUDITABLE_ID
+    return (repairable & level_ok & ~newer_in_mongo & auditable).astype(bool)
+
+
+def unauditable_ids(client_ids: pd.Series) -> pd.Series:
+    """True where a client id holds a NUL character (see UNAUDITABLE_ID)."""
+    return client_ids.map(lambda v: isinstance(v, str) and "\x00" in v).astype(bool)

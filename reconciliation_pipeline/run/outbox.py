@@ -105,6 +105,8 @@ def _deliver_batch(
             failures[mid] = f"client {row['client_status']}: {row['client_reason']}"
         elif row["creditor_status"] != "matched":
             failures[mid] = f"creditor {row['creditor_status']}: {row['creditor_reason']}"
+        elif "\x00" in row["client_id"]:
+            failures[mid] = core_diff.UNAUDITABLE_ID
         elif int(row["match_level"]) >= core_diff.LOW_CONFIDENCE_LEVEL and not low_confidence:
             # as in the repair: a shared word alone (e.g. "GmbH") is not enough to write someone's debt
             failures[mid] = LOW_CONFIDENCE_REFUSED
